@@ -1,0 +1,49 @@
+"""The pair record: what `imprint-jax prepare` writes and the grain pipelines read.
+
+One record is one training (or test) pair, already cropped and resized, so that the input
+pipeline only decodes, augments and batches. Images are PNG-encoded uint8 in the shards.
+
+  object        (E, E, 3) uint8  the segmented object: background removed (filled with
+                                 OBJECT_FILL), padded to a square around its box, resized to
+                                 the encoder size E (224 by default)
+  object_mask   (E, E, 1) uint8  the object's mask in that crop, 0 or 255
+  target        (G, G, 3) uint8  the target crop around the object, with its real background,
+                                 at the generator resolution G (512 by default)
+  target_mask   (G, G, 1) uint8  the precise object mask in the target crop, 0 or 255
+  box           (4,) float32     the object's box in the target crop, (x0, y0, x1, y1) in
+                                 [0, 1] (fractions of the crop width and height)
+  source        text             the reader that made it: mvimgnet, youtube_vos, vipseg,
+                                 ppr10k, images, dreambooth
+  kind          text             multiview (stage 1), video (stage 2, object from another
+                                 frame), image (stage 2, pair made by augmentation at training
+                                 time), test (DreamBooth test pair: target is the background)
+  object_id     text             provenance of the object: '<dataset path>#<instance>'
+  target_id     text             provenance of the target: '<dataset path>#<instance>'
+  pair_id       int64            index of the pair in its split, stable for a seed
+"""
+
+from __future__ import annotations
+
+OBJECT_FILL = 255  # white background behind segmented objects (ObjectStitch, AnyDoor)
+
+IMAGE_KEYS = ("object", "object_mask", "target", "target_mask")
+KINDS = ("multiview", "video", "image", "test")
+
+
+def features(encoder_size: int = 224, generator_size: int = 512):
+  """The TFDS FeaturesDict of a pair record (TensorFlow is not needed to use it)."""
+  import numpy as np
+  import tensorflow_datasets as tfds
+  E, G = encoder_size, generator_size
+  return tfds.features.FeaturesDict({
+      "object": tfds.features.Image(shape=(E, E, 3), encoding_format="png"),
+      "object_mask": tfds.features.Image(shape=(E, E, 1), encoding_format="png"),
+      "target": tfds.features.Image(shape=(G, G, 3), encoding_format="png"),
+      "target_mask": tfds.features.Image(shape=(G, G, 1), encoding_format="png"),
+      "box": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+      "source": tfds.features.Text(),
+      "kind": tfds.features.Text(),
+      "object_id": tfds.features.Text(),
+      "target_id": tfds.features.Text(),
+      "pair_id": tfds.features.Scalar(dtype=np.int64),
+  })

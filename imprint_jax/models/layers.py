@@ -1,0 +1,118 @@
+"""Building blocks shared by the models: layers with logical axis names, attention, remat.
+
+Every parameter carries logical axis names (its `out_sharding` metadata). The training config
+maps them to mesh axes (`configs/*.py: logical_axis_rules`), so the models never name a mesh.
+The logical axes used across the project:
+
+  embed      residual-stream features of a linear layer's input (ViT width, UNet channels)
+  heads      attention projection features (q/k/v outputs, the output projection's input)
+  mlp        feed-forward hidden features
+  cross      cross-attention context features (the adapter's output width)
+  conv_in    input channels of a conv kernel (kernels are HWIO)
+  conv_out   output channels of a conv kernel
+  norm       scales and biases of normalisation layers
+  time       timestep-embedding features
+
+Parameters are always float32 (the master copy); `dtype` is the compute dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from imprint_jax.errors import UserError
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(name: str) -> Any:
+  """Maps a config string ('float32' | 'bfloat16' | 'float16') to a jnp dtype."""
+  if name not in DTYPES:
+    raise UserError(f"unknown dtype {name!r}: expected one of {sorted(DTYPES)}")
+  return DTYPES[name]
+
+
+def axes(*names: str | None) -> dict[str, Any]:
+  """Variable metadata carrying logical axis names; sharding is applied later, not eagerly."""
+  return {"out_sharding": tuple(names), "eager_sharding": False}
+
+
+def dense(in_features: int, out_features: int, names: tuple[str | None, str | None], *,
+          dtype: Any, rngs: nnx.Rngs, use_bias: bool = True,
+          kernel_init: Callable | None = None) -> nnx.Linear:
+  """A Linear layer; `names` are the logical axes of its (in, out) kernel."""
+  kw = {} if kernel_init is None else {"kernel_init": kernel_init}
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
+                    param_dtype=jnp.float32, rngs=rngs, kernel_metadata=axes(*names),
+                    bias_metadata=axes(names[1]), **kw)
+
+
+def conv(in_features: int, out_features: int, kernel_size: int, *, dtype: Any,
+         rngs: nnx.Rngs, stride: int = 1, padding: Any = None, use_bias: bool = True,
+         kernel_init: Callable | None = None) -> nnx.Conv:
+  """A 2-D NHWC convolution with an HWIO kernel; 'SAME'-style symmetric padding by default."""
+  if padding is None:
+    padding = ((kernel_size // 2, kernel_size // 2),) * 2
+  kw = {} if kernel_init is None else {"kernel_init": kernel_init}
+  return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=stride,
+                  padding=padding, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+                  rngs=rngs, kernel_metadata=axes(None, None, "conv_in", "conv_out"),
+                  bias_metadata=axes("conv_out"), **kw)
+
+
+def layer_norm(num_features: int, *, eps: float, dtype: Any, rngs: nnx.Rngs,
+               use_affine: bool = True) -> nnx.LayerNorm:
+  return nnx.LayerNorm(num_features, epsilon=eps, dtype=dtype, param_dtype=jnp.float32,
+                       use_bias=use_affine, use_scale=use_affine, rngs=rngs,
+                       scale_metadata=axes("norm"), bias_metadata=axes("norm"))
+
+
+def group_norm(num_features: int, num_groups: int, *, eps: float, dtype: Any,
+               rngs: nnx.Rngs) -> nnx.GroupNorm:
+  # use_fast_variance=False: E[(x-mean)^2] like PyTorch, not E[x^2]-E[x]^2, which loses
+  # precision on the large activations of pretrained UNets/VAEs.
+  return nnx.GroupNorm(num_features, num_groups=num_groups, epsilon=eps, dtype=dtype,
+                       param_dtype=jnp.float32, use_fast_variance=False, rngs=rngs,
+                       scale_metadata=axes("norm"), bias_metadata=axes("norm"))
+
+
+def attention(q_BLHD: jax.Array, k_BSHD: jax.Array, v_BSHD: jax.Array, *,
+              upcast: bool = False) -> jax.Array:
+  """Softmax attention, (B, L, H, D) layout, through `jax.nn.dot_product_attention`.
+
+  XLA picks the implementation: cuDNN flash attention on GPUs when the dtype is bf16/fp16 and
+  the head dim allows it, otherwise the fused XLA path. `upcast` computes in float32 (SD 2.x's
+  `upcast_attention`), returning the input dtype.
+  """
+  dtype = q_BLHD.dtype
+  if upcast:
+    q_BLHD, k_BSHD, v_BSHD = (t.astype(jnp.float32) for t in (q_BLHD, k_BSHD, v_BSHD))
+  out = jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD)
+  return out.astype(dtype)
+
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+}
+
+
+def remat_policy_check(name: str) -> str:
+  if name not in REMAT_POLICIES:
+    raise UserError(f"unknown remat policy {name!r}: expected one of {sorted(REMAT_POLICIES)}")
+  return name
+
+
+def call_block(block: nnx.Module, *args: Any, remat: str = "none") -> Any:
+  """Calls `block(*args)`, under gradient checkpointing with the named policy unless 'none'."""
+  if remat == "none":
+    return block(*args)
+  policy = REMAT_POLICIES[remat_policy_check(remat)]
+  return nnx.remat(lambda m, *a: m(*a), policy=policy)(block, *args)
