@@ -1,0 +1,527 @@
+"""grain input pipelines for the two training stages, and their hand-off to the devices.
+
+  records (ArrayRecord shards, one folder per source; see `schema`)
+    -> per source: global shuffle (re-shuffled every epoch), infinite repeat, decode
+       (+ resize to the configured sizes)
+    -> mix the sources with the configured weights
+    -> random_map: stage-specific augmentation and masks, seeded by grain from (seed,
+       position), so every epoch differs and any position can be recomputed
+    -> this host's share of each global batch (elements are lazy: a host reads only its own)
+    -> batch (per-host batch = global batch / process count) -> normalise to float32
+    -> iterator: `read_threads` threads per process, each building whole batches
+    -> optional multiprocess workers (`num_workers`), each building whole batches, so a
+       batch is the same whatever the number of workers or threads
+    -> `Prefetcher`: a background thread assembling global jax.Arrays on the mesh, whose state
+       is that of the last batch the training loop consumed (what a checkpoint must hold).
+
+Batches are dicts of numpy arrays, normalised here (never in the train step):
+
+  stage 1  object (b, E, E, 3) f32 ImageNet-normalised; target (b, G, G, 3) f32 in [-1, 1]
+           with its background replaced by OBJECT_FILL; pair_id (b,) i64.
+  stage 2  object as above (perturbed: always for 'image' pairs, optionally for video pairs);
+           target (b, G, G, 3) f32 in [-1, 1] with background; mask (b, G, G, 1) f32 in {0, 1}
+           at a random level; masked_target = target * (1 - mask); mask_level (b,) i32 in 1..4;
+           pair_id (b,) i64.
+
+Records are read as raw bytes with grain's ArrayRecordDataSource and decoded in the map step
+(`reader="grain"`, the default), or through `tfds.builder_from_directory(...).as_data_source`
+(`reader="tfds"`), which decodes in the source; both give the same dicts. The two cost the
+same per record (both decode with `FeaturesDict.deserialize_example_np`, PNG via PIL); see
+benchmarks/data_throughput.py.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+import queue
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from imprint_jax.data import augment as augment_lib
+from imprint_jax.data import masks as masks_lib
+from imprint_jax.data import schema
+from imprint_jax.errors import UserError
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+READERS = ("grain", "tfds")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """What the pipelines read and how.
+
+  Attributes:
+    sources: (dataset folder, mixing weight) pairs; folders written by `imprint-jax prepare`.
+    split: split to read in every source.
+    encoder_size: E, side of the object input (records are resized if stored differently).
+    generator_size: G, side of the target.
+    mask_level_probs: probabilities of mask levels 1 (precise) .. 4 (box), stage 2.
+    augment: object perturbation ranges (stage 2).
+    augment_video_objects: also perturb the objects of video pairs (image pairs always are).
+    num_workers: grain worker processes per host (0 = in the training process).
+    prefetch: batches buffered per process (and per worker after it).
+    read_threads: threads per process, each making whole batches (0: in the calling thread).
+    reader: "grain" (raw ArrayRecord bytes, decoded in the map) or "tfds" (tfds data source).
+    seed: seeds the shuffles and the augmentation.
+  """
+  sources: tuple[tuple[str, float], ...] = ()
+  split: str = "train"
+  encoder_size: int = 224
+  generator_size: int = 512
+  mask_level_probs: tuple[float, float, float, float] = (0.25, 0.25, 0.25, 0.25)
+  augment: augment_lib.AugmentConfig = augment_lib.AugmentConfig()
+  augment_video_objects: bool = True
+  num_workers: int = 0
+  prefetch: int = 2
+  read_threads: int = 2
+  reader: str = "grain"
+  seed: int = 0
+
+  def __post_init__(self):
+    if self.reader not in READERS:
+      raise UserError(f"DataConfig.reader={self.reader!r}: expected one of {READERS}")
+    for name in ("encoder_size", "generator_size"):
+      if getattr(self, name) <= 0:
+        raise UserError(f"DataConfig.{name}={getattr(self, name)}: must be positive")
+    for name in ("num_workers", "prefetch", "read_threads"):
+      if getattr(self, name) < 0:
+        raise UserError(f"DataConfig.{name}={getattr(self, name)}: must be >= 0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading records.
+
+
+def _dataset_builder(data_dir: str):
+  import tensorflow_datasets as tfds
+  if not os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
+    raise UserError(f"{data_dir}: no dataset_info.json - not a prepared dataset; run "
+                    "`imprint-jax prepare` or fix DataConfig.sources")
+  return tfds.builder_from_directory(data_dir)
+
+
+def open_source(data_dir: str, split: str, reader: str = "grain") -> tuple[Any, Any]:
+  """A random-access source of one split, and the dataset's FeaturesDict.
+
+  Args:
+    data_dir: a prepared dataset folder (dataset_info.json, features.json, shards).
+    split: split name.
+    reader: "grain" -> items are serialized bytes; "tfds" -> items are decoded dicts.
+
+  Returns:
+    (source supporting len() and [i], features); pass items to `decode_record`.
+  """
+  if reader not in READERS:
+    raise UserError(f"DataConfig.reader={reader!r}: expected one of {READERS}")
+  builder = _dataset_builder(data_dir)
+  if split not in builder.info.splits:
+    raise UserError(f"{data_dir}: no split {split!r} (has {sorted(builder.info.splits)}); "
+                    "fix DataConfig.split")
+  if reader == "tfds":
+    return builder.as_data_source(split=split), builder.info.features
+  import grain
+  from tensorflow_datasets.core.data_sources import base as tfds_sources
+  instructions = tfds_sources.file_instructions(builder.info, split)
+  return grain.sources.ArrayRecordDataSource(instructions), builder.info.features
+
+
+def decode_record(item: Any, features: Any) -> dict[str, Any]:
+  """A record from either reader as a dict of numpy arrays (text fields as str).
+
+  Args:
+    item: serialized bytes (grain reader) or an already decoded dict (tfds reader).
+    features: the dataset's FeaturesDict (`open_source`'s second result).
+
+  Returns:
+    {"object": (E, E, 3) u8, "object_mask": (E, E, 1) u8, "target": (G, G, 3) u8,
+     "target_mask": (G, G, 1) u8, "box": (4,) f32, "pair_id": int64, text fields: str}.
+  """
+  if isinstance(item, (bytes, bytearray, memoryview)):
+    item = features.deserialize_example_np(bytes(item))
+  return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in item.items()}
+
+
+def _without_background(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  return np.where(mask > 0, image, np.uint8(schema.OBJECT_FILL)).astype(np.uint8)
+
+
+def _resize(image: np.ndarray, size: int, is_mask: bool) -> np.ndarray:
+  if image.shape[0] == size and image.shape[1] == size:
+    return image
+  pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+  out = np.asarray(pil.resize((size, size), Image.Resampling.BICUBIC))
+  if is_mask:
+    out = np.where(out >= 128, 255, 0).astype(np.uint8)
+  return out.reshape(size, size, image.shape[-1])
+
+
+class _Decode:
+  """Source item -> record dict at the configured sizes (picklable for grain workers)."""
+
+  def __init__(self, data_dir: str, encoder_size: int, generator_size: int):
+    self.data_dir = data_dir
+    self.sizes = {"object": encoder_size, "object_mask": encoder_size,
+                  "target": generator_size, "target_mask": generator_size}
+    self._features = None
+
+  def __getstate__(self):
+    return {**self.__dict__, "_features": None}  # rebuilt from features.json in the worker
+
+  def __call__(self, item: Any) -> dict[str, Any]:
+    if self._features is None and isinstance(item, (bytes, bytearray, memoryview)):
+      self._features = _dataset_builder(self.data_dir).info.features
+    rec = decode_record(item, self._features)
+    if rec["object"].shape[0] != self.sizes["object"]:
+      rec["object"] = _resize(rec["object"], self.sizes["object"], False)
+      rec["object_mask"] = _resize(rec["object_mask"], self.sizes["object"], True)
+      # Resampling smears colour across the outline: re-segment on the resized mask.
+      rec["object"] = _without_background(rec["object"], rec["object_mask"])
+    if rec["target"].shape[0] != self.sizes["target"]:
+      rec["target"] = _resize(rec["target"], self.sizes["target"], False)
+      rec["target_mask"] = _resize(rec["target_mask"], self.sizes["target"], True)
+    return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-element transforms (run in grain workers; every draw from grain's per-element rng).
+
+
+class Stage1Transform:
+  """Record -> stage-1 element (uint8; normalised per batch): context-agnostic target."""
+
+  def __call__(self, rec: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    del rng  # multi-view pairs are used as they are
+    return {"object": rec["object"],
+            "target": _without_background(rec["target"], rec["target_mask"]),
+            "pair_id": np.int64(rec["pair_id"])}
+
+
+class Stage2Transform:
+  """Record -> stage-2 element: perturbed object, target, coarse mask at a random level.
+
+  'image' pairs always get the affine and the colour jitter (`AugmentConfig.perturb`): that
+  is what makes them pairs. 'video' (and 'multiview') pairs get `DataConfig.augment` when
+  `augment_video_objects`; 'test' pairs are never altered.
+  """
+
+  def __init__(self, cfg: DataConfig):
+    self.augment = cfg.augment
+    self.perturb = cfg.augment.perturb()
+    self.augment_video_objects = cfg.augment_video_objects
+    self.mask_level_probs = tuple(cfg.mask_level_probs)
+
+  def __call__(self, rec: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    obj, obj_mask = rec["object"], rec["object_mask"]
+    kind = rec["kind"]
+    try:
+      if kind == "image":  # the pair is made here: the object is always perturbed
+        obj, _ = augment_lib.augment_object(obj, obj_mask, self.perturb, rng)
+      elif kind in ("video", "multiview") and self.augment_video_objects:
+        obj, _ = augment_lib.augment_object(obj, obj_mask, self.augment, rng)
+      level = masks_lib.sample_level(self.mask_level_probs, rng)
+      mask = masks_lib.coarse_mask(rec["target_mask"], level, rng)
+    except UserError as e:
+      raise UserError(f"pair_id {rec['pair_id']} ({rec.get('target_id', '?')}): {e}") from None
+    return {"object": obj, "target": rec["target"], "mask": mask.astype(np.uint8),
+            "mask_level": np.int32(level), "pair_id": np.int64(rec["pair_id"])}
+
+
+_OBJECT_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
+_OBJECT_SHIFT = (IMAGENET_MEAN / IMAGENET_STD).astype(np.float32)
+
+
+def normalize_object(object_BEE3: np.ndarray) -> np.ndarray:
+  """uint8 object images -> float32 normalised with the ImageNet mean/std (DINOv2's input)."""
+  x = object_BEE3.astype(np.float32)
+  x *= _OBJECT_SCALE  # in place: these arrays are large and this runs for every batch
+  x -= _OBJECT_SHIFT
+  return x
+
+
+def normalize_target(target_BGG3: np.ndarray) -> np.ndarray:
+  """uint8 images -> float32 in [-1, 1] (the VAE's input range)."""
+  x = target_BGG3.astype(np.float32)
+  x *= np.float32(1 / 127.5)
+  x -= np.float32(1.0)
+  return x
+
+
+def _finish_stage1(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {"object": normalize_object(batch["object"]),
+          "target": normalize_target(batch["target"]),
+          "pair_id": batch["pair_id"].astype(np.int64)}
+
+
+def _finish_stage2(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  target = normalize_target(batch["target"])
+  mask = batch["mask"].astype(np.float32)
+  return {"object": normalize_object(batch["object"]), "target": target, "mask": mask,
+          "masked_target": target * (np.float32(1.0) - mask),
+          "mask_level": batch["mask_level"].astype(np.int32),
+          "pair_id": batch["pair_id"].astype(np.int64)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets.
+
+
+def _seed(*parts: int) -> int:
+  return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+def per_host_batch(global_batch: int, process_count: int) -> int:
+  """global_batch / process_count, or a UserError if it does not divide."""
+  if global_batch <= 0 or global_batch % process_count:
+    raise UserError(f"global batch {global_batch} is not a positive multiple of the "
+                    f"{process_count} JAX processes; change the batch size")
+  return global_batch // process_count
+
+
+def mixed_records(cfg: DataConfig):
+  """The infinite, shuffled, mixed stream of decoded records of ALL hosts (a MapDataset).
+
+  Elements are computed lazily on access, so each host only ever reads the records that
+  `_HostSlice` selects for it.
+  """
+  import grain
+  if not cfg.sources:
+    raise UserError("DataConfig.sources is empty: give at least one (dataset folder, weight)")
+  parts, weights = [], []
+  for i, (data_dir, weight) in enumerate(cfg.sources):
+    if not weight > 0:
+      raise UserError(f"DataConfig.sources[{i}] ({data_dir}): weight {weight} must be > 0")
+    source, _ = open_source(data_dir, cfg.split, cfg.reader)
+    ds = grain.MapDataset.source(source)
+    # Shuffle before repeat: grain folds the epoch into the shuffle seed, so each epoch has
+    # its own order.
+    ds = ds.shuffle(seed=_seed(cfg.seed, i, 1)).repeat()
+    ds = ds.map(_Decode(data_dir, cfg.encoder_size, cfg.generator_size))
+    parts.append(ds)
+    weights.append(float(weight))
+  if len(parts) == 1:
+    return parts[0]
+  return grain.MapDataset.mix(parts, weights)
+
+
+def _host_slice_class():
+  import grain
+
+  class _HostSlice(grain.MapDataset):
+    """This host's share of every global batch: elements [p*b, (p+1)*b) of each run of
+    `global_batch` consecutive elements of the global stream.
+
+    Global batch g is therefore the same whatever the number of hosts (the concatenation of
+    the hosts' batches g), and so is every element's augmentation, which grain seeds by the
+    element's position in the global stream: a run on 2 hosts sees exactly the batches of a
+    run on 1 host with the same global batch.
+    """
+
+    def __init__(self, parent, global_batch: int, per_host: int, process_index: int):
+      super().__init__(parent)
+      self._global, self._local, self._offset = global_batch, per_host, process_index * per_host
+      self._length = (len(parent) // global_batch) * per_host
+
+    def __len__(self) -> int:
+      return self._length
+
+    def _global_index(self, index: int) -> int:
+      batch, within = divmod(index, self._local)
+      return batch * self._global + self._offset + within
+
+    def __getitem__(self, index):
+      if isinstance(index, slice):
+        return self.slice(index)
+      return self._parent[self._global_index(index)]
+
+    def __str__(self) -> str:
+      return f"HostSlice(global={self._global}, local={self._local}, offset={self._offset})"
+
+  return _HostSlice
+
+
+def _build(cfg: DataConfig, transform, finish, *, global_batch: int, process_index: int,
+           process_count: int):
+  import grain
+  batch = per_host_batch(global_batch, process_count)
+  if not 0 <= process_index < process_count:
+    raise UserError(f"process_index {process_index} not in [0, {process_count})")
+  ds = mixed_records(cfg)
+  ds = ds.random_map(transform, seed=_seed(cfg.seed, 2))
+  ds = _host_slice_class()(ds, global_batch, batch, process_index)
+  # Batching the MapDataset (not the iterator) makes a batch the unit of work: batches are
+  # the same whatever the number of workers and threads, and one batch never mixes workers.
+  ds = ds.batch(batch, drop_remainder=True).map(finish)
+  threads = max(0, cfg.read_threads)
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                            prefetch_buffer_size=max(1, cfg.prefetch, threads)))
+  if cfg.num_workers > 0:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+      flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=cfg.num_workers, per_worker_buffer_size=max(1, cfg.prefetch)))
+  return ds
+
+
+def stage1_dataset(cfg: DataConfig, *, global_batch: int, process_index: int = 0,
+                   process_count: int = 1):
+  """This host's infinite stage-1 batches: a grain IterDataset; `iter()` it to train.
+
+  Args:
+    cfg: what to read.
+    global_batch: batch size over all hosts.
+    process_index: this JAX process (jax.process_index()).
+    process_count: number of JAX processes (jax.process_count()).
+
+  Returns:
+    IterDataset of {"object": (b, E, E, 3) f32, "target": (b, G, G, 3) f32, "pair_id": (b,)
+    i64}, b = global_batch / process_count. Its iterators have get_state()/set_state().
+  """
+  return _build(cfg, Stage1Transform(), _finish_stage1, global_batch=global_batch,
+                process_index=process_index, process_count=process_count)
+
+
+def stage2_dataset(cfg: DataConfig, *, global_batch: int, process_index: int = 0,
+                   process_count: int = 1):
+  """This host's infinite stage-2 batches (see the module docstring for the keys).
+
+  Same arguments and iterator protocol as `stage1_dataset`.
+  """
+  masks_lib.sample_level(cfg.mask_level_probs, np.random.default_rng(0))  # validate early
+  return _build(cfg, Stage2Transform(cfg), _finish_stage2, global_batch=global_batch,
+                process_index=process_index, process_count=process_count)
+
+
+# ---------------------------------------------------------------------------------------------
+# Devices.
+
+
+def to_global(batch: Mapping[str, np.ndarray], mesh, data_axes: Sequence[str] = ("data", "fsdp")):
+  """Assembles each host's batch into global jax.Arrays sharded on the batch dimension.
+
+  Args:
+    batch: this host's arrays, leading dimension b (the per-host batch).
+    mesh: the jax Mesh.
+    data_axes: mesh axes the batch dimension is split over (those absent from the mesh are
+      ignored).
+
+  Returns:
+    The same dict of jax.Arrays with leading dimension b * process_count.
+  """
+  import jax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  axes = tuple(a for a in data_axes if a in mesh.axis_names)
+  sharding = NamedSharding(mesh, P(axes if axes else None))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+_END = object()
+
+
+class Prefetcher:
+  """Keeps `size` batches in flight on the devices, with exact checkpoint state.
+
+  A background thread calls next() on the host iterator and `to_global` (or `transfer`).
+  `get_state()` is the host iterator's state right after the last batch the caller took, so a
+  checkpoint saved after step n resumes at batch n + 1 whatever was prefetched.
+  """
+
+  def __init__(self, iterator: Iterator, mesh=None, *, size: int = 2,
+               data_axes: Sequence[str] = ("data", "fsdp"), transfer=None):
+    """Starts the background thread.
+
+    Args:
+      iterator: a grain DatasetIterator (anything with next/get_state/set_state).
+      mesh: where to place batches; None keeps the numpy batches (unless `transfer`).
+      size: batches in flight.
+      data_axes: mesh axes of the batch dimension, for `to_global`.
+      transfer: optional callable replacing `to_global(batch, mesh, data_axes)`.
+    """
+    if size < 1:
+      raise UserError(f"Prefetcher size {size}: must be at least 1")
+    self._it = iterator
+    self._size = size
+    if transfer is None and mesh is not None:
+      transfer = lambda b: to_global(b, mesh, data_axes)  # noqa: E731
+    self._transfer = transfer
+    self._state = copy.deepcopy(iterator.get_state())
+    self._thread = None
+    self._start()
+
+  def _start(self):
+    self._queue = queue.Queue(maxsize=self._size)
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name="imprint-prefetch", daemon=True)
+    self._thread.start()
+
+  def _put(self, item) -> bool:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.05)
+        return True
+      except queue.Full:
+        continue
+    return False
+
+  def _run(self):
+    try:
+      while not self._stop.is_set():
+        try:
+          batch = next(self._it)
+        except StopIteration:
+          self._put((_END, None))
+          return
+        state = copy.deepcopy(self._it.get_state())
+        if self._transfer is not None:
+          batch = self._transfer(batch)
+        if not self._put((batch, state)):
+          return
+    except BaseException as e:  # surfaced to the caller by __next__
+      self._put((e, None))
+
+  def _halt(self):
+    if self._thread is None:
+      return
+    self._stop.set()
+    self._thread.join()
+    self._thread = None
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    if self._thread is None:
+      raise RuntimeError("Prefetcher is closed")
+    item, state = self._queue.get()
+    if item is _END or isinstance(item, BaseException):
+      self._queue.put((item, None))  # the thread has ended: keep answering the same way
+      if item is _END:
+        raise StopIteration
+      raise item
+    self._state = state
+    return item
+
+  def get_state(self) -> dict[str, Any]:
+    """The host iterator state after the last batch returned by `__next__` (JSON-able)."""
+    return copy.deepcopy(self._state)
+
+  def set_state(self, state: Mapping[str, Any]) -> None:
+    """Drops the batches in flight and resumes the host iterator from `state`."""
+    self._halt()
+    self._it.set_state(copy.deepcopy(dict(state)))
+    self._state = copy.deepcopy(dict(state))
+    self._start()
+
+  def close(self) -> None:
+    """Stops the thread and closes the host iterator (ends grain's worker processes)."""
+    self._halt()
+    close = getattr(self._it, "close", None)
+    if close is not None:
+      close()
