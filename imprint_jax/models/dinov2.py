@@ -250,7 +250,7 @@ def resize_pos_embed(grid_NND: jax.Array, height: int, width: int, *,
 # --------------------------------------------------------------------------------- modules
 
 def _trunc_normal(std: float = 0.02):
-  return nnx.initializers.truncated_normal(stddev=std)
+  return layers.truncated_normal(std)
 
 
 class Attention(nnx.Module):
