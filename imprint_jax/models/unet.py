@@ -397,7 +397,7 @@ class ResnetBlock2D(nnx.Module):
     h = self.conv2(jax.nn.silu(self.norm2(h)))
     if self.conv_shortcut is not None:
       x_BHWC = self.conv_shortcut(x_BHWC)
-    return x_BHWC + h
+    return layers.shard_batch(x_BHWC + h)
 
 
 class Attention(nnx.Module):
@@ -477,7 +477,7 @@ class Transformer2DModel(nnx.Module):
     tokens_BLD = self.proj_in(self.norm(x_BHWC)).reshape(b, h * w, c)
     for block in self.transformer_blocks:
       tokens_BLD = block(tokens_BLD, ctx_BSE)
-    return x_BHWC + self.proj_out(tokens_BLD).reshape(b, h, w, c)
+    return layers.shard_batch(x_BHWC + self.proj_out(tokens_BLD).reshape(b, h, w, c))
 
 
 class Downsample(nnx.Module):
@@ -488,7 +488,7 @@ class Downsample(nnx.Module):
     self.conv = layers.conv(channels, channels, 3, stride=2, padding=pad, dtype=dtype, rngs=rngs)
 
   def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-    return self.conv(x_BHWC)
+    return layers.shard_batch(self.conv(x_BHWC))
 
 
 class Upsample(nnx.Module):
@@ -498,7 +498,7 @@ class Upsample(nnx.Module):
     self.conv = layers.conv(channels, channels, 3, dtype=dtype, rngs=rngs)
 
   def __call__(self, x_BHWC: jax.Array, height: int, width: int) -> jax.Array:
-    return self.conv(_nearest_resize(x_BHWC, height, width))
+    return layers.shard_batch(self.conv(_nearest_resize(x_BHWC, height, width)))
 
 
 class DownBlock(nnx.Module):

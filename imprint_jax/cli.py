@@ -1,0 +1,196 @@
+"""`imprint-jax` command line: thin argument parsing over library functions.
+
+Every subcommand turns a `UserError` (bad input) into one line on stderr and exit status 2.
+Imports are lazy so that `plan` can set up virtual devices before JAX starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from imprint_jax.errors import UserError
+
+
+def _add_import(sub) -> None:
+  p = sub.add_parser("import", help="import PyTorch weights (SD + DINOv2) into one checkpoint",
+                     description="Reads a Stable Diffusion pipeline folder (model_index.json with"
+                     " unet/ and vae/) or --unet/--vae folders, and a transformers DINOv2 folder;"
+                     " adds a freshly initialised content adapter; writes an orbax checkpoint"
+                     " that `train` (init.checkpoint) and `composite` accept. Only safetensors"
+                     " files are read.")
+  p.add_argument("--sd", help="diffusers Stable Diffusion pipeline folder")
+  p.add_argument("--unet", help="diffusers UNet folder (instead of --sd)")
+  p.add_argument("--vae", help="diffusers VAE folder (instead of --sd)")
+  p.add_argument("--dinov2", required=True, help="transformers Dinov2Model or"
+                 " Dinov2WithRegistersModel folder")
+  p.add_argument("--out", required=True, help="checkpoint folder to create")
+  p.add_argument("--adapter-depth", type=int, default=5)
+  p.add_argument("--adapter-heads", type=int, default=1)
+  p.add_argument("--seed", type=int, default=0, help="seed of the adapter's initialisation")
+  p.set_defaults(func=_run_import)
+
+
+def _run_import(args) -> int:
+  from imprint_jax import interop
+  path = interop.import_pretrained(sd=args.sd, unet=args.unet, vae=args.vae,
+                                   dinov2=args.dinov2, out=args.out,
+                                   adapter_depth=args.adapter_depth,
+                                   adapter_heads=args.adapter_heads, seed=args.seed)
+  print(f"wrote {path}")
+  return 0
+
+
+def _add_export(sub) -> None:
+  p = sub.add_parser("export", help="export a checkpoint to PyTorch folders",
+                     description="Writes unet/ and vae/ (diffusers), image_encoder/"
+                     " (transformers Dinov2Model or Dinov2WithRegistersModel) and adapter/"
+                     " (safetensors + config; load it with imprint_jax.torch_adapter).")
+  p.add_argument("ckpt", help="checkpoint folder, or a training workdir (its best checkpoint)")
+  p.add_argument("--out", required=True, help="folder to create")
+  p.set_defaults(func=_run_export)
+
+
+def _run_export(args) -> int:
+  from imprint_jax import interop
+  path = interop.export_pretrained(args.ckpt, args.out)
+  print(f"wrote {path}")
+  return 0
+
+
+def _add_prepare(sub) -> None:
+  from data_prep import prepare
+  p = sub.add_parser("prepare", help="prepare training pairs into ArrayRecord shards",
+                     description=prepare.__doc__.splitlines()[0] if prepare.__doc__ else None)
+  prepare.add_arguments(p)
+  p.set_defaults(func=prepare.main)
+
+
+def _add_train(sub) -> None:
+  p = sub.add_parser("train", help="train stage 1 or stage 2",
+                     description="Trains the config's stage on all local devices (and all"
+                     " hosts, after jax.distributed.initialize). Writes checkpoints,"
+                     " metrics.jsonl, TensorBoard events and sample grids to --workdir.")
+  p.add_argument("--config", required=True, help="configs/stage1.py[:tiny] or a config file")
+  p.add_argument("--workdir", required=True)
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config value, e.g. --set train.global_batch=512")
+  p.add_argument("--resume", action="store_true",
+                 help="continue from the workdir's latest checkpoint (exactly)")
+  p.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() (automatic on TPU VMs; elsewhere give"
+                 " --coordinator, --num-processes, --process-id)")
+  p.add_argument("--coordinator", help="host:port of process 0")
+  p.add_argument("--num-processes", type=int)
+  p.add_argument("--process-id", type=int)
+  p.set_defaults(func=_run_train)
+
+
+def _run_train(args) -> int:
+  if args.distributed or args.coordinator:
+    import jax
+    kw = {}
+    if args.coordinator:
+      kw = dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                process_id=args.process_id)
+      # Only used by the CPU backend (local multi-process runs and tests); harmless elsewhere.
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kw)
+  from imprint_jax.train import loop, run_config
+  config = run_config.load(args.config, args.set)
+  loop.train(config, args.workdir, resume=args.resume)
+  return 0
+
+
+def _add_plan(sub) -> None:
+  p = sub.add_parser("plan", help="compile the full-size step on virtual devices and print"
+                     " per-device memory",
+                     description="Compiles the training step of CONFIG for the given mesh on"
+                     " virtual CPU devices with abstract inputs (nothing is allocated) and"
+                     " prints per-device memory: parameters, optimizer state, activations"
+                     " (XLA's temporary buffers for the step), and whether it fits.")
+  p.add_argument("--config", required=True)
+  p.add_argument("--mesh", required=True, help="data=D,fsdp=F,tensor=T")
+  p.add_argument("--hbm-gib", type=float, default=None, help="memory per chip, e.g. 95 (v5p)"
+                 " or 16 (v5e)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+  p.set_defaults(func=_run_plan)
+
+
+def _parse_mesh(text: str) -> dict[str, int]:
+  out = {}
+  for part in text.split(","):
+    k, sep, v = part.partition("=")
+    if not sep:
+      raise UserError(f"--mesh {text!r}: expected data=D,fsdp=F,tensor=T")
+    try:
+      out[k.strip()] = int(v)
+    except ValueError:
+      raise UserError(f"--mesh {text!r}: {v!r} is not an integer") from None
+  return out
+
+
+def _run_plan(args) -> int:
+  import math
+  mesh = _parse_mesh(args.mesh)
+  if any(v < 1 for v in mesh.values()):
+    raise UserError("--mesh sizes must be positive for plan")
+  n = math.prod(mesh.values())
+  flags = os.environ.get("XLA_FLAGS", "")
+  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  from imprint_jax.train import plan, run_config
+  config = run_config.load(args.config, args.set)
+  plan.print_plan(plan.plan(config, mesh), hbm_gib=args.hbm_gib)
+  return 0
+
+
+def _add_composite(sub) -> None:
+  from imprint_jax import composite_cli
+  p = sub.add_parser("composite", help="composite objects into backgrounds (one image, or a"
+                     " JSONL manifest in device batches)")
+  composite_cli.add_arguments(p)
+  p.set_defaults(func=composite_cli.main)
+
+
+def _add_evaluate(sub) -> None:
+  from imprint_jax import evaluate
+  p = sub.add_parser(
+      "evaluate", help="score a checkpoint (or another method's composites) with the paper's"
+      " metrics: CLIP, DINO, DreamSim, FID",
+      description="Composites every pair of a prepared Pixabay or DreamBooth test set with a"
+      " stage-2 checkpoint (and/or reads another method's composites from --images), adds the"
+      " copy-and-paste baseline, and writes metrics.json and a Markdown table (IMPRINT Sec."
+      " 4.2-4.3). A metric whose weights are missing is skipped with one line.",
+      epilog=evaluate.epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+  evaluate.add_arguments(p)
+  p.set_defaults(func=evaluate.main)
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="imprint-jax", description="IMPRINT generative object"
+                                   " compositing in JAX: import weights, prepare data, train,"
+                                   " composite, export.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  for add in (_add_import, _add_export, _add_prepare, _add_train, _add_plan, _add_composite,
+              _add_evaluate):
+    add(sub)
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  try:
+    return int(args.func(args) or 0)
+  except UserError as e:
+    print(f"imprint-jax {args.command}: error: {e}", file=sys.stderr)
+    return UserError.exit_code
+  except KeyboardInterrupt:
+    print(f"imprint-jax {args.command}: interrupted", file=sys.stderr)
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

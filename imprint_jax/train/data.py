@@ -1,0 +1,151 @@
+"""The trainer's side of the input pipeline: sources, iterators, validation batches, samples.
+
+`data.sources` entries are prepared dataset folders (`imprint-jax prepare` output), or
+`synthetic:<layout>` (tiny configs): a small synthetic dataset in that published layout is
+generated and prepared into `<workdir>/data/<layout>` on first use, so a tiny run needs no
+data on disk.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from imprint_jax.data import pipeline
+from imprint_jax.errors import UserError
+
+SYNTHETIC = "synthetic:"
+
+
+def _prepare_synthetic(layout: str, out: Path, c: ml_collections.ConfigDict) -> None:
+  from data_prep import prepare, synthetic
+  raw = out.parent / f".raw_{layout}"
+  synthetic.generate(raw, synthetic.SyntheticConfig(groups=8, frames=6, seed=c.seed),
+                     layouts=(layout,))
+  cfg = prepare.PrepareConfig(encoder_size=c.data.encoder_size,
+                              generator_size=c.data.generator_size, min_size=16,
+                              val_fraction=0.25, seed=c.seed)
+  prepare.prepare(layout, raw / layout, out, cfg, split="all", workers=1, progress=False)
+
+
+def resolve_sources(c: ml_collections.ConfigDict, workdir: Path) -> list[tuple[str, float]]:
+  """(dataset folder, weight) per source; synthetic sources are built on first use."""
+  out = []
+  for entry in c.data.sources:
+    try:
+      path, weight = entry
+    except (TypeError, ValueError):
+      raise UserError(f"data.sources entry {entry!r}: expected (folder, weight)") from None
+    if str(path).startswith(SYNTHETIC):
+      layout = str(path)[len(SYNTHETIC):]
+      folder = workdir / "data" / layout
+      if jax.process_index() == 0 and not (folder / "dataset_info.json").exists():
+        _prepare_synthetic(layout, folder, c)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"synthetic {layout}")
+      path = str(folder)
+    if not (Path(path) / "dataset_info.json").is_file():
+      raise UserError(f"data source {path}: not a prepared dataset (no dataset_info.json);"
+                      " run `imprint-jax prepare` first")
+    out.append((str(path), float(weight)))
+  if not out:
+    raise UserError("data.sources is empty")
+  return out
+
+
+def num_pairs(sources: list[tuple[str, float]], split: str) -> int:
+  from data_prep import shards
+  return sum(shards.split_sizes(path).get(split, 0) for path, _ in sources)
+
+
+def steps_per_epoch(sources: list[tuple[str, float]], global_batch: int) -> int:
+  return num_pairs(sources, "train") // global_batch
+
+
+def data_config(c: ml_collections.ConfigDict, sources, split: str) -> pipeline.DataConfig:
+  kw: dict[str, Any] = {}
+  if c.stage == 2:
+    kw = dict(mask_level_probs=tuple(c.data.mask_level_probs),
+              augment_video_objects=bool(c.data.augment_video_objects))
+  return pipeline.DataConfig(sources=tuple(sources), split=split,
+                             encoder_size=c.data.encoder_size,
+                             generator_size=c.data.generator_size,
+                             num_workers=c.data.num_workers if split == "train" else 0,
+                             prefetch=c.data.prefetch, seed=c.seed, **kw)
+
+
+def _dataset(c, setup, sources, split: str, global_batch: int):
+  build = pipeline.stage1_dataset if setup.stage == 1 else pipeline.stage2_dataset
+  return build(data_config(c, sources, split), global_batch=global_batch,
+               process_index=jax.process_index(), process_count=jax.process_count())
+
+
+class TrainIterator:
+  """Yields (global device batch of the step's keys, this host's pair ids); checkpointable."""
+
+  def __init__(self, c, setup, sources):
+    from imprint_jax.train.setup import MODEL_KEYS
+    keys = MODEL_KEYS[setup.stage]
+    mesh = setup.mesh
+
+    def transfer(batch):
+      device = pipeline.to_global({k: batch[k] for k in keys}, mesh)
+      return device, batch["pair_id"].tolist()
+
+    host = iter(_dataset(c, setup, sources, "train", c.train.global_batch))
+    self._prefetcher = pipeline.Prefetcher(host, size=max(1, c.data.prefetch),
+                                           transfer=transfer)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return next(self._prefetcher)
+
+  def get_state(self) -> dict[str, Any]:
+    return self._prefetcher.get_state()
+
+  def set_state(self, state) -> None:
+    self._prefetcher.set_state(state)
+
+  def close(self) -> None:
+    self._prefetcher.close()
+
+
+def train_iterator(c, setup, sources) -> TrainIterator:
+  return TrainIterator(c, setup, sources)
+
+
+def val_batches(c, setup, sources) -> list[dict[str, jax.Array]]:
+  """The fixed validation set: the first `eval_batches` batches of the val split (global
+  device arrays), or [] when a source has no val split."""
+  from data_prep import shards
+  from imprint_jax.train.setup import MODEL_KEYS
+  if not c.eval_every or c.eval_batches <= 0:
+    return []
+  if any(shards.split_sizes(p).get(c.data.val_split, 0) == 0 for p, _ in sources):
+    print(f"note: no {c.data.val_split!r} split in every source; validation is off")
+    return []
+  ds = _dataset(c, setup, sources, c.data.val_split, c.train.global_batch)
+  it = iter(ds)
+  out = []
+  for _ in range(c.eval_batches):
+    b = next(it)
+    out.append(pipeline.to_global({k: b[k] for k in MODEL_KEYS[setup.stage]}, setup.mesh))
+  close = getattr(it, "close", None)
+  if close:
+    close()
+  return out
+
+
+def write_samples(c, setup, state, val_batches, out_dir: Path, step: int) -> Path | None:
+  """A PNG grid of samples on the first validation batch (process 0 writes it)."""
+  if not val_batches:
+    return None
+  from imprint_jax.train import samples
+  return samples.write_grid(c, setup, state, val_batches[0], out_dir, step)

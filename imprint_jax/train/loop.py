@@ -1,0 +1,281 @@
+"""The training loop behind `imprint-jax train`.
+
+One jitted, ahead-of-time compiled step with donated state; batches prefetched onto the mesh by
+a background thread; no host synchronisation inside the loop except every `log_every` steps,
+when the window's metrics are fetched at once (that is also when a NaN/inf loss is detected
+and reported with its step and pair ids). Validation loss every `eval_every` steps, sample
+grids every `sample_every` steps, asynchronous orbax checkpoints every `checkpoint_every`
+steps, and on SIGTERM (TPU preemption) a checkpoint at the next step boundary and a clean exit.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from imprint_jax.errors import UserError
+from imprint_jax.train import data as train_data
+from imprint_jax.train import setup as setup_lib
+from imprint_jax.train.checkpoints import RunCheckpoints
+from imprint_jax.train.steps import make_eval_step, make_train_step
+
+log = logging.getLogger("imprint_jax.train")
+
+
+class NonFiniteLoss(UserError):
+  """The loss became NaN or inf: the message names the step and the batch's pair ids."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  final_step: int
+  preempted: bool
+  last_loss: float | None
+  val_loss: float | None
+
+
+class _Preemption:
+  """Sets a flag on SIGTERM; the loop saves and exits at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread (e.g. a notebook worker): no preemption support
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+  def agreed(self) -> bool:
+    """True on every process once any process was asked to stop (a collective; called at
+    logging intervals only when there are several processes)."""
+    if jax.process_count() == 1:
+      return self.requested
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+    return bool(np.asarray(flags).any())
+
+
+class _Writers:
+  """metrics.jsonl + TensorBoard events, on process 0 only."""
+
+  def __init__(self, workdir: Path, resume_step: int | None):
+    self.enabled = jax.process_index() == 0
+    self.jsonl_path = workdir / "metrics.jsonl"
+    if not self.enabled:
+      return
+    if resume_step is not None and self.jsonl_path.exists():
+      # Drop lines written after the checkpoint we resume from: they will be recomputed.
+      kept = [l for l in self.jsonl_path.read_text().splitlines()
+              if l and json.loads(l).get("step", 0) <= resume_step]
+      self.jsonl_path.write_text("".join(l + "\n" for l in kept))
+    self.jsonl = open(self.jsonl_path, "a")
+    from tensorboardX import SummaryWriter
+    self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    for k, v in scalars.items():
+      self.tb.add_scalar(k, v, step)
+
+  def flush(self) -> None:
+    if self.enabled:
+      self.jsonl.flush()
+      self.tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self.jsonl.close()
+      self.tb.close()
+
+
+def _memory_report(compiled) -> str:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # some backends do not implement it
+    return "memory analysis unavailable on this backend"
+  if m is None:
+    return "memory analysis unavailable on this backend"
+  gib = 1 / 2**30
+  return (f"per device: arguments {m.argument_size_in_bytes * gib:.2f} GiB, outputs"
+          f" {m.output_size_in_bytes * gib:.2f} GiB (aliased {m.alias_size_in_bytes * gib:.2f}),"
+          f" temporaries {m.temp_size_in_bytes * gib:.2f} GiB")
+
+
+def compile_steps(setup: setup_lib.Setup):
+  """AOT-compiled train step (donated state) and jitted eval step."""
+  c = setup.config
+  repl = NamedSharding(setup.mesh, P())
+  batch_spec = setup.batch_spec(c.train.global_batch)
+  batch_sh = {k: v.sharding for k, v in batch_spec.items()}
+  abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      setup.abstract_state, setup.state_shardings)
+  rng_spec = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
+  step_fn = make_train_step(setup.stage, setup.graphdef, setup.tx, setup.loss_cfg)
+  jitted = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sh, repl),
+                   out_shardings=(setup.state_shardings, repl), donate_argnums=0)
+  t0 = time.time()
+  with jax.set_mesh(setup.mesh):  # activations' sharding constraints refer to this mesh
+    compiled = jitted.lower(abstract_state, batch_spec, rng_spec).compile()
+  log.info("compiled stage-%d step in %.1f s; %s", setup.stage, time.time() - t0,
+           _memory_report(compiled))
+  eval_jit = jax.jit(make_eval_step(setup.stage, setup.graphdef, setup.loss_cfg),
+                     in_shardings=(setup.state_shardings, batch_sh, repl), out_shardings=repl)
+
+  def eval_fn(state, batch, rng):
+    with jax.set_mesh(setup.mesh):
+      return eval_jit(state, batch, rng)
+
+  return compiled, eval_fn
+
+
+def _first_bad_step(window, values) -> tuple[int, list[int]] | None:
+  for (step, ids), loss in zip(window, values):
+    if not np.isfinite(loss):
+      return step, ids
+  return None
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool = False,
+          stop_after: int | None = None) -> RunResult:
+  """Runs (or resumes) a training run in `workdir`. `stop_after` ends the run early at that
+  step, as if preempted (for tests and experiments)."""
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+  workdir = Path(workdir).absolute()
+  workdir.mkdir(parents=True, exist_ok=True)
+  c = config
+  sources = train_data.resolve_sources(c, workdir)
+  steps_per_epoch = train_data.steps_per_epoch(sources, c.train.global_batch)
+  total_steps = c.train.num_steps if c.train.num_steps > 0 else c.train.epochs * steps_per_epoch
+  if total_steps <= 0:
+    raise UserError(f"the run has {total_steps} steps: fewer pairs than one global batch"
+                    f" ({c.train.global_batch})")
+  setup = setup_lib.build(c, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+
+  ckpts = RunCheckpoints(workdir, keep=c.keep_checkpoints, use_async=c.async_checkpoints)
+  latest = ckpts.latest_step()
+  data_state = None
+  if latest is not None and not resume:
+    raise UserError(f"{workdir} already holds checkpoints (latest step {latest}); pass --resume"
+                    " to continue or use a new --workdir")
+  if resume and latest is not None:
+    state, meta = ckpts.restore(setup)
+    data_state = meta.get("data_state")
+    start = int(meta["step"])
+    log.info("resumed from step %d", start)
+  else:
+    state = setup_lib.init_state(setup)
+    start = 0
+  (workdir / "config.json").write_text(c.to_json_best_effort(indent=2) + "\n")
+
+  compiled, eval_fn = compile_steps(setup)
+  train_it = train_data.train_iterator(c, setup, sources)
+  if data_state is not None:
+    train_it.set_state(data_state)
+  val_batches = train_data.val_batches(c, setup, sources)
+  writers = _Writers(workdir, start if resume else None)
+  rng = jax.device_put(jax.random.PRNGKey(c.seed), NamedSharding(setup.mesh, P()))
+  eval_rng = jax.random.PRNGKey(c.seed + 1)
+  end = total_steps if stop_after is None else min(total_steps, stop_after)
+
+  def meta_at(step):
+    return {"step": step, "stage": setup.stage, "data_state": train_it.get_state(),
+            "config": json.loads(c.to_json_best_effort()),
+            "model": setup.model_cfg.to_dict()}
+
+  def validate(state) -> float | None:
+    if not val_batches:
+      return None
+    losses = [eval_fn(state, b, jax.random.fold_in(eval_rng, i))["loss"]
+              for i, b in enumerate(val_batches)]
+    return float(np.mean(jax.device_get(losses)))
+
+  progress = None
+  if jax.process_index() == 0:
+    from tqdm import tqdm
+    progress = tqdm(total=total_steps, initial=start, desc=f"stage {setup.stage}",
+                    dynamic_ncols=True, file=sys.stderr)
+  window: collections.deque = collections.deque()
+  pending: list[dict[str, Any]] = []
+  last_loss, val_loss, preempted = None, None, False
+  t_window = time.time()
+  step = start
+  with _Preemption() as preemption:
+    try:
+      while step < end:
+        batch, ids = next(train_it)
+        state, metrics = compiled(state, batch, rng)
+        step += 1
+        window.append((step, ids))
+        pending.append(metrics)
+        boundary = step % c.log_every == 0 or step == end
+        if boundary:
+          fetched = jax.device_get(pending)
+          bad = _first_bad_step(window, [m["loss"] for m in fetched])
+          if bad is not None:
+            raise NonFiniteLoss(f"non-finite loss at step {bad[0]} (batch pair ids"
+                                f" {bad[1][:16]}{'...' if len(bad[1]) > 16 else ''}); stopping")
+          for (s, _), m in zip(window, fetched):
+            writers.write(s, {k: float(v) for k, v in m.items()})
+          last_loss = float(fetched[-1]["loss"])
+          dt = time.time() - t_window
+          if progress is not None:
+            progress.update(len(fetched))
+            progress.set_postfix(loss=f"{last_loss:.4f}",
+                                 img_s=f"{len(fetched) * c.train.global_batch / dt:.1f}")
+          window.clear()
+          pending.clear()
+          t_window = time.time()
+        if c.eval_every and (step % c.eval_every == 0 or step == end):
+          val_loss = validate(state)
+          if val_loss is not None:
+            writers.write(step, {"val_loss": val_loss})
+        if c.sample_every and (step % c.sample_every == 0 or step == end):
+          train_data.write_samples(c, setup, state, val_batches, workdir / "samples",
+                                   step)
+        stop = (preemption.agreed() if boundary and jax.process_count() > 1
+                else preemption.requested)
+        if stop and step < end:
+          preempted = True
+          log.info("SIGTERM: saving a checkpoint at step %d and exiting", step)
+          ckpts.save(state, meta_at(step), force=True)
+          break
+        if step % c.checkpoint_every == 0 or step == end:
+          evaluated = c.eval_every and (step % c.eval_every == 0 or step == end)
+          ckpts.save(state, meta_at(step), val_loss=val_loss if evaluated else None,
+                     force=True)
+        writers.flush()
+    finally:
+      ckpts.close()
+      writers.close()
+      train_it.close()
+      if progress is not None:
+        progress.close()
+  if preempted or (stop_after is not None and step < total_steps):
+    log.info("stopped at step %d of %d; continue with --resume", step, total_steps)
+  return RunResult(final_step=step, preempted=preempted, last_loss=last_loss, val_loss=val_loss)

@@ -1,0 +1,247 @@
+"""From a run config to a sharded, ready-to-step training state (no data, no loop).
+
+Everything here can run abstractly: `plan` uses the same functions with `nnx.eval_shape`
+models and never allocates the parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from imprint_jax import checkpoint as ckpt_lib
+from imprint_jax.errors import UserError
+from imprint_jax.models import layers
+from imprint_jax.models.adapter import AdapterConfig
+from imprint_jax.models.dinov2 import Dinov2Config
+from imprint_jax.models.imprint import Imprint, ImprintConfig
+from imprint_jax.models.unet import UNetConfig, widen_conv_in
+from imprint_jax.models.vae import VAEConfig
+from imprint_jax.train import optim, sharding
+from imprint_jax.train.steps import LossConfig, TrainState
+
+# What the step needs from a batch (the pipeline also yields ids kept on the host).
+MODEL_KEYS = {1: ("object", "target"), 2: ("object", "target", "mask", "masked_target")}
+
+
+def _sub_config(klass, spec: Mapping[str, Any], **defaults) -> Any:
+  spec = dict(spec)
+  preset = spec.pop("preset", None)
+  if preset is not None:
+    if klass is Dinov2Config:
+      base = Dinov2Config.preset(preset, registers=spec.pop("registers", 0))
+    elif klass is UNetConfig:
+      if preset not in ("sd15", "sd21"):
+        raise UserError(f"unknown UNet preset {preset!r}: expected sd15 or sd21")
+      base = getattr(UNetConfig, preset)()
+    elif klass is VAEConfig:
+      if preset != "sd":
+        raise UserError(f"unknown VAE preset {preset!r}: expected sd")
+      base = VAEConfig.sd()
+    else:
+      raise UserError(f"{klass.__name__} has no presets")
+  else:
+    base = None
+  fields = {f.name for f in dataclasses.fields(klass)}
+  unknown = sorted(set(spec) - fields)
+  if unknown:
+    raise UserError(f"model.{klass.__name__}: unknown field {unknown[0]!r}")
+  spec = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+  if base is not None:
+    return dataclasses.replace(base, **spec)
+  return klass(**{**defaults, **spec})
+
+
+def model_config(c: ml_collections.ConfigDict) -> ImprintConfig:
+  """The ImprintConfig of a run config (presets plus overrides), with its dtype and remat."""
+  m = c.model
+  dinov2 = _sub_config(Dinov2Config, m.dinov2)
+  unet = _sub_config(UNetConfig, m.unet)
+  vae = _sub_config(VAEConfig, m.vae)
+  adapter = _sub_config(AdapterConfig, {"in_dim": dinov2.hidden_size,
+                                        "out_dim": unet.cross_attention_dim, **m.adapter})
+  cfg = ImprintConfig(dinov2=dinov2, adapter=adapter, unet=unet, vae=vae)
+  if cfg.stage != c.stage:
+    raise UserError(f"config stage {c.stage} but the UNet has {unet.in_channels} input channels")
+  return cfg.with_dtype(c.dtype, layers.remat_policy_check(c.remat))
+
+
+def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
+  if c.train.prediction_type not in ("epsilon", "v_prediction"):
+    raise UserError(f"train.prediction_type {c.train.prediction_type!r}: expected epsilon or"
+                    " v_prediction")
+  if not 0 <= c.train.embed_dropout < 1:
+    raise UserError(f"train.embed_dropout {c.train.embed_dropout} must be in [0, 1)")
+  return LossConfig(embed_dropout=float(c.train.embed_dropout),
+                    prediction_type=c.train.prediction_type)
+
+
+def phase_boundaries(c: ml_collections.ConfigDict, steps_per_epoch: int) -> list[int]:
+  """Phase boundaries in steps, from `phases.steps` or `phases.epochs` x steps per epoch."""
+  steps = tuple(c.phases.get("steps", ()))
+  if steps:
+    return [int(s) for s in steps]
+  return [int(e * steps_per_epoch) for e in c.phases.get("epochs", ())]
+
+
+@dataclasses.dataclass
+class Setup:
+  """Everything static about a run: model config, mesh, shardings, optimizer, step configs."""
+  config: ml_collections.ConfigDict
+  model_cfg: ImprintConfig
+  mesh: Mesh
+  rules: list
+  schedules: dict
+  tx: Any
+  graphdef: Any
+  abstract_state: TrainState
+  state_shardings: Any
+  loss_cfg: LossConfig
+  total_steps: int
+  boundaries: list[int]
+
+  @property
+  def stage(self) -> int:
+    return self.config.stage
+
+  def batch_spec(self, global_batch: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract global batch (what the step is compiled for)."""
+    c, sh = self.config, sharding.batch_sharding(self.mesh)
+    E, G = c.data.encoder_size, c.data.generator_size
+    shapes = {"object": (E, E, 3), "target": (G, G, 3), "mask": (G, G, 1),
+              "masked_target": (G, G, 3)}
+    return {k: jax.ShapeDtypeStruct((global_batch, *shapes[k]), jnp.float32, sharding=sh)
+            for k in MODEL_KEYS[self.stage]}
+
+
+def build(c: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: int,
+          devices=None) -> Setup:
+  """Validates the config and derives the static pieces of a run (nothing is allocated)."""
+  if c.stage not in (1, 2):
+    raise UserError(f"config stage {c.stage}: expected 1 or 2")
+  schedules = optim.schedules_from_config(c.components.to_dict()
+                                          if hasattr(c.components, "to_dict") else c.components)
+  if c.stage == 2 and not c.init.encoder_from and not c.get("allow_random_encoder", False):
+    raise UserError("stage 2 needs the stage-1 encoder: set init.encoder_from to a stage-1"
+                    " workdir or checkpoint")
+  if c.init.encoder_from:
+    ckpt_lib.resolve(c.init.encoder_from)  # fails loudly now, not after compiling
+  if c.init.checkpoint:
+    ckpt_lib.resolve(c.init.checkpoint)
+  mesh = sharding.make_mesh(dict(c.mesh), devices)
+  sharding.check_batch(c.train.global_batch, mesh)
+  rules = sharding.check_rules(c.logical_axis_rules)
+  model_cfg = model_config(c)
+  loss_cfg = loss_config(c)
+  boundaries = phase_boundaries(c, steps_per_epoch)
+  for name, s in schedules.items():
+    if s is not None:
+      s.fn(boundaries, total_steps)  # checks the number of phases
+
+  abstract_model = nnx.eval_shape(lambda: Imprint(model_cfg, rngs=nnx.Rngs(0)))
+  graphdef, params, frozen = nnx.split(abstract_model, optim.trainable_filter(schedules), ...)
+  tx = optim.make_optimizer(params, schedules, boundaries=boundaries, total_steps=total_steps,
+                            weight_decay=c.train.weight_decay, b1=c.train.b1, b2=c.train.b2,
+                            eps=c.train.eps, grad_clip=c.train.grad_clip)
+  opt_state = jax.eval_shape(tx.init, params)
+  abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                              frozen=frozen, opt_state=opt_state)
+  state_shardings = sharding.tree_shardings(abstract_state, mesh, rules)
+  return Setup(config=c, model_cfg=model_cfg, mesh=mesh, rules=rules, schedules=schedules,
+               tx=tx, graphdef=graphdef, abstract_state=abstract_state,
+               state_shardings=state_shardings, loss_cfg=loss_cfg, total_steps=total_steps,
+               boundaries=boundaries)
+
+
+def _model_shardings(setup: Setup, model: Imprint) -> Any:
+  return sharding.tree_shardings(nnx.state(model, nnx.Param), setup.mesh, setup.rules)
+
+
+def _restore_into(setup: Setup, path: str, parts: tuple[str, ...], state: nnx.State,
+                  what: str) -> None:
+  """Copies the `parts` (e.g. ('dinov2', 'adapter')) of checkpoint `path` into `state`,
+  restored directly with the run's shardings. Checks the architectures agree."""
+  ckpt = ckpt_lib.resolve(path)
+  meta = ckpt_lib.read_meta(ckpt)
+  src_cfg = ImprintConfig.from_dict(meta["model"])
+  run_cfg = setup.model_cfg
+  for part in parts:
+    a = dataclasses.replace(getattr(src_cfg, part), dtype="float32", remat="none")
+    b = dataclasses.replace(getattr(run_cfg, part), dtype="float32", remat="none")
+    if part == "unet" and a.in_channels != b.in_channels:
+      a = dataclasses.replace(a, in_channels=b.in_channels)
+    if a != b:
+      diff = [f.name for f in dataclasses.fields(a) if getattr(a, f.name) != getattr(b, f.name)]
+      raise UserError(f"{what} {ckpt}: its {part} differs from the config in {diff[0]}"
+                      f" ({getattr(a, diff[0])!r} vs {getattr(b, diff[0])!r})")
+  src_run_cfg = src_cfg.with_dtype(run_cfg.unet.dtype)
+  abstract = nnx.eval_shape(lambda: Imprint(src_run_cfg, rngs=nnx.Rngs(0)))
+  restored = ckpt_lib.restore_model_state(ckpt, abstract, _model_shardings(setup, abstract))
+  for part in parts:
+    src = restored[part]
+    if part == "unet" and src_cfg.unet.in_channels != run_cfg.unet.in_channels:
+      src = _widened_unet_state(setup, abstract.unet, src)
+    state[part] = src
+
+
+def _widened_unet_state(setup: Setup, abstract_unet, unet_state: nnx.State) -> nnx.State:
+  """A pretrained 4-channel UNet's state with conv_in widened to the run's channels (zeros)."""
+  cfg = setup.model_cfg.unet
+  target = nnx.eval_shape(lambda: widen_conv_in(nnx.merge(nnx.graphdef(abstract_unet),
+                                                          unet_state), cfg.in_channels))
+  shardings = sharding.tree_shardings(nnx.state(target, nnx.Param), setup.mesh, setup.rules)
+  graphdef = nnx.graphdef(abstract_unet)
+
+  @jax.jit
+  def widen(s):
+    return nnx.state(widen_conv_in(nnx.merge(graphdef, s), cfg.in_channels), nnx.Param)
+
+  return jax.jit(widen, out_shardings=shardings)(unet_state)
+
+
+def init_state(setup: Setup) -> TrainState:
+  """The initial training state, materialised directly in its shardings.
+
+  Parameters come from a random init, then `init.checkpoint` (an `imprint-jax import`
+  checkpoint: all four networks; a 4-channel UNet is widened for stage 2), then
+  `init.encoder_from` (stage 2: DINOv2 + adapter of a stage-1 run).
+  """
+  c = setup.config
+  model_cfg = setup.model_cfg
+  abstract_model = nnx.eval_shape(lambda: Imprint(model_cfg, rngs=nnx.Rngs(0)))
+  model_shardings = _model_shardings(setup, abstract_model)
+
+  def random_init():
+    return nnx.state(Imprint(model_cfg, rngs=nnx.Rngs(c.seed)), nnx.Param)
+
+  state = jax.jit(random_init, out_shardings=model_shardings)()
+  if c.init.checkpoint:
+    _restore_into(setup, c.init.checkpoint, ("dinov2", "adapter", "unet", "vae"), state,
+                  "init.checkpoint")
+  if c.init.encoder_from:
+    _restore_into(setup, c.init.encoder_from, ("dinov2", "adapter"), state, "init.encoder_from")
+  model_graphdef = nnx.graphdef(abstract_model)
+  trainable = optim.trainable_filter(setup.schedules)
+  tx = setup.tx
+
+  def assemble(full):
+    model = nnx.merge(model_graphdef, full)
+    _, params, frozen = nnx.split(model, trainable, ...)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
+                      opt_state=tx.init(params))
+
+  return jax.jit(assemble, out_shardings=setup.state_shardings, donate_argnums=0)(state)
+
+
+def full_model_state(state: TrainState) -> nnx.State:
+  """Trained + frozen parameters as one state of `Imprint` (what checkpoints store)."""
+  return nnx.merge_state(state.params, state.frozen)

@@ -1,0 +1,293 @@
+"""Training: tiny stage 1 -> stage 2 on synthetic data, sharding, multi-process, preemption.
+
+All runs use the tiny configs (configs/stage{1,2}.py:tiny) on the 8 virtual CPU devices that
+`make test` sets up, with the synthetic datasets prepared once for the module.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from imprint_jax import checkpoint as ckpt_lib
+from imprint_jax.data import pipeline
+from imprint_jax.errors import UserError
+from imprint_jax.train import loop, optim, run_config
+from imprint_jax.train import data as train_data
+from imprint_jax.train import setup as setup_lib
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+  """Synthetic datasets in their real layouts, prepared once: {layout: folder}."""
+  root = tmp_path_factory.mktemp("data")
+  c = run_config.load("configs/stage2.py:tiny")
+  out = {}
+  for layout in ("mvimgnet", "images", "youtube_vos"):
+    folder = root / layout
+    train_data._prepare_synthetic(layout, folder, c)
+    out[layout] = str(folder)
+  return out
+
+
+def tiny(stage: int, sources: dict, **overrides):
+  c = run_config.load(f"configs/stage{stage}.py:tiny")
+  c.data.sources = (((sources["mvimgnet"], 1.0),) if stage == 1 else
+                    ((sources["images"], 2.0), (sources["youtube_vos"], 1.0)))
+  c.train.num_steps = STEPS
+  c.log_every = 4
+  c.eval_every = 8
+  c.checkpoint_every = 8
+  c.sample_every = 0
+  if stage == 2:
+    c.phases.steps = (STEPS // 2,)
+  for key, value in overrides.items():
+    run_config.apply_override(c, f"{key}={value!r}")
+  return c
+
+
+def losses(workdir) -> dict[int, float]:
+  out = {}
+  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    rec = json.loads(line)
+    if "loss" in rec:
+      out[rec["step"]] = rec
+  return out
+
+
+def _params(state: nnx.State, part: str) -> dict:
+  return {p: np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state[part])}
+
+
+def _assert_identical(a: dict, b: dict, what: str):
+  assert a.keys() == b.keys()
+  for k in a:
+    assert np.array_equal(a[k], b[k]), f"{what} changed at {jax.tree_util.keystr(k)}"
+
+
+@pytest.fixture(scope="module")
+def stage1_run(sources, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("stage1")
+  c = tiny(1, sources, sample_every=STEPS)
+  result = loop.train(c, workdir)
+  return c, workdir, result
+
+
+def test_stage1_learns_and_keeps_frozen_parts(stage1_run):
+  c, workdir, result = stage1_run
+  assert result.final_step == STEPS and not result.preempted
+  m = losses(workdir)
+  assert sorted(m) == list(range(1, STEPS + 1))
+  first = np.mean([m[s]["loss"] for s in range(1, 5)])
+  last = np.mean([m[s]["loss"] for s in range(STEPS - 3, STEPS + 1)])
+  assert last < 0.6 * first, (first, last)  # measured: about 1.2 -> 0.4
+  assert (workdir / "samples" / f"step_{STEPS:07d}.png").is_file()
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  # Frozen in stage 1: the UNet's encoder half and the VAE. Compare with a fresh init.
+  setup = setup_lib.build(c, total_steps=STEPS, steps_per_epoch=STEPS)
+  init = setup_lib.full_model_state(setup_lib.init_state(setup))
+  final, _ = ckpt_lib.load_model(ckpt_lib.resolve(workdir, which="latest"))
+  final = nnx.state(final, nnx.Param)
+  _assert_identical(_params(init, "vae"), _params(final, "vae"), "VAE")
+  init_unet, final_unet = _params(init, "unet"), _params(final, "unet")
+  rest = [k for k in init_unet if optim.component_of(("unet",) + k) == "unet_rest"]
+  assert rest
+  _assert_identical({k: init_unet[k] for k in rest}, {k: final_unet[k] for k in rest},
+                    "UNet encoder")
+  trained = [k for k in init_unet if k not in rest]
+  assert any(not np.array_equal(init_unet[k], final_unet[k]) for k in trained)
+
+
+def test_no_optimizer_state_for_frozen_parameters(sources):
+  c = tiny(1, sources)
+  setup = setup_lib.build(c, total_steps=STEPS, steps_per_epoch=STEPS)
+  opt_leaves = jax.tree.leaves(setup.abstract_state.opt_state)
+  n_trained = sum(x.size for x in jax.tree.leaves(setup.abstract_state.params))
+  n_frozen = sum(x.size for x in jax.tree.leaves(setup.abstract_state.frozen))
+  n_opt = sum(x.size for x in opt_leaves)
+  assert n_frozen > 0
+  # AdamW keeps mu and nu per trained parameter plus a few scalars (counts, hyperparameters).
+  assert 2 * n_trained <= n_opt < 2 * n_trained + 64
+
+
+def test_stage2_from_stage1_swaps_learning_rates(stage1_run, sources, tmp_path):
+  _, stage1_dir, _ = stage1_run
+  stage1_ckpt = ckpt_lib.resolve(stage1_dir)
+  # Like a real run: UNet and VAE from a 4-channel checkpoint (widened to 9 channels), the
+  # encoder from stage 1.
+  c = tiny(2, sources, **{"init.checkpoint": str(stage1_ckpt),
+                          "init.encoder_from": str(stage1_dir)})
+  result = loop.train(c, tmp_path)
+  assert result.final_step == STEPS
+  m = losses(tmp_path)
+  first = np.mean([m[s]["loss"] for s in range(1, 5)])
+  last = np.mean([m[s]["loss"] for s in range(STEPS - 3, STEPS + 1)])
+  assert last < 0.8 * first, (first, last)
+  # Learning rates the optimizer applied: phase 1 adapter large / UNet small, then swapped.
+  b = STEPS // 2
+  for s in range(3, b + 1):  # after the 2-step warmup
+    assert m[s]["lr/adapter"] == pytest.approx(1e-3) and m[s]["lr/unet_rest"] == pytest.approx(1e-4)
+  for s in range(b + 1, STEPS + 1):
+    assert m[s]["lr/adapter"] == pytest.approx(1e-4) and m[s]["lr/unet_rest"] == pytest.approx(1e-3)
+    assert m[s]["lr/unet_decoder"] == pytest.approx(1e-3)
+  assert "lr/dinov2" not in m[1]  # frozen: no optimizer at all
+  # DINOv2 (frozen) is the stage-1 encoder, bit for bit; the adapter moved on from it.
+  s1, _ = ckpt_lib.load_model(stage1_ckpt)
+  s2, meta = ckpt_lib.load_model(tmp_path)
+  assert meta["stage"] == 2 and s2.cfg.unet.in_channels == 9
+  s1, s2 = nnx.state(s1, nnx.Param), nnx.state(s2, nnx.Param)
+  _assert_identical(_params(s1, "dinov2"), _params(s2, "dinov2"), "DINOv2")
+  _assert_identical(_params(s1, "vae"), _params(s2, "vae"), "VAE")
+  a1, a2 = _params(s1, "adapter"), _params(s2, "adapter")
+  assert any(not np.array_equal(a1[k], a2[k]) for k in a1)
+
+
+def test_sharded_step_matches_single_device(sources):
+  c = tiny(2, sources, **{"init.encoder_from": ""})
+  c.allow_random_encoder = True
+  data_cfg = train_data.data_config(c, list(c.data.sources), "train")
+  batch_np = next(iter(pipeline.stage2_dataset(data_cfg, global_batch=8)))
+  results = []
+  for devices, mesh in ((jax.devices()[:1], {"data": 1, "fsdp": 1, "tensor": 1}),
+                        (jax.devices(), {"data": 2, "fsdp": 2, "tensor": 2})):
+    c.mesh = mesh
+    setup = setup_lib.build(c, total_steps=STEPS, steps_per_epoch=STEPS, devices=devices)
+    if not results:
+      state0 = jax.device_get(setup_lib.init_state(setup))
+    state = jax.device_put(state0, setup.state_shardings)
+    compiled, _ = loop.compile_steps(setup)
+    sh = setup.batch_spec(8)
+    batch = {k: jax.device_put(batch_np[k], v.sharding) for k, v in sh.items()}
+    rng = jax.random.PRNGKey(0)
+    trace = []
+    for _ in range(3):
+      state, metrics = compiled(state, batch, rng)
+      trace.append(float(metrics["loss"]))
+    results.append((trace, jax.device_get(state.params)))
+  (loss1, p1), (loss8, p8) = results
+  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+
+
+def test_sigterm_then_resume_equals_uninterrupted(stage1_run, sources, tmp_path):
+  c, ref_dir, _ = stage1_run
+  c = tiny(1, sources, sample_every=0)
+  ref = losses(ref_dir)
+
+  def kill_after_first_log():
+    path = tmp_path / "metrics.jsonl"
+    while not (path.exists() and len(path.read_text().splitlines()) >= 4):
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  watcher = threading.Thread(target=kill_after_first_log, daemon=True)
+  watcher.start()
+  first = loop.train(c, tmp_path)
+  watcher.join(timeout=1)
+  assert first.preempted and 4 <= first.final_step < STEPS
+  with pytest.raises(UserError, match="--resume"):
+    loop.train(c, tmp_path)  # a workdir with checkpoints needs --resume
+  second = loop.train(c, tmp_path, resume=True)
+  assert second.final_step == STEPS
+  got = losses(tmp_path)
+  assert sorted(got) == list(range(1, STEPS + 1))
+  for s in range(1, STEPS + 1):
+    assert got[s]["loss"] == ref[s]["loss"], (s, got[s]["loss"], ref[s]["loss"])
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(stage1_run, sources, tmp_path):
+  _, ref_dir, _ = stage1_run
+  ref = losses(ref_dir)
+  steps = 6
+  port = _free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONUNBUFFERED="1")
+  sets = [f"data.sources=(({sources['mvimgnet']!r}, 1.0),)", f"train.num_steps={STEPS}",
+          "log_every=1", "eval_every=0", "sample_every=0", f"checkpoint_every={steps}"]
+  procs = []
+  for pid in range(2):
+    cmd = [sys.executable, "-m", "imprint_jax.cli", "train", "--config",
+           "configs/stage1.py:tiny", "--workdir", str(tmp_path / "run"),
+           "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+           "--process-id", str(pid)]
+    for s in sets:
+      cmd += ["--set", s]
+    procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True))
+  # Stop both after `steps` steps: SIGTERM once process 0 has logged them.
+  path = tmp_path / "run" / "metrics.jsonl"
+  deadline = time.time() + 900
+  while time.time() < deadline and all(p.poll() is None for p in procs):
+    if path.exists() and len(path.read_text().splitlines()) >= steps:
+      break
+    time.sleep(0.2)
+  for p in procs:
+    if p.poll() is None:
+      p.send_signal(signal.SIGTERM)
+  outs = [p.communicate(timeout=600)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  got = losses(tmp_path / "run")
+  assert len(got) >= steps
+  for s in range(1, steps + 1):
+    np.testing.assert_allclose(got[s]["loss"], ref[s]["loss"], rtol=1e-5, err_msg=f"step {s}")
+
+
+def test_bad_config_values_fail_before_compiling(sources, tmp_path):
+  c = tiny(1, sources)
+  c.components.unet_middle = {"lr": 1e-4}
+  with pytest.raises(UserError, match="unknown component label 'unet_middle'"):
+    setup_lib.build(c, total_steps=4, steps_per_epoch=4)
+  c = tiny(1, sources, **{"mesh.data": 3})
+  with pytest.raises(UserError, match="does not divide the 8 devices"):
+    setup_lib.build(c, total_steps=4, steps_per_epoch=4)
+  c = tiny(1, sources, **{"train.global_batch": 12})
+  with pytest.raises(UserError, match="not divisible by data x fsdp = 8"):
+    setup_lib.build(c, total_steps=4, steps_per_epoch=4)
+  c = tiny(2, sources, **{"init.encoder_from": ""})
+  with pytest.raises(UserError, match="stage 2 needs the stage-1 encoder"):
+    setup_lib.build(c, total_steps=4, steps_per_epoch=4)
+  c = tiny(2, sources, **{"init.encoder_from": str(tmp_path / "nothing")})
+  with pytest.raises(UserError, match="no such checkpoint"):
+    setup_lib.build(c, total_steps=4, steps_per_epoch=4)
+  # Through the CLI: one line on stderr, exit status 2.
+  out = subprocess.run([sys.executable, "-m", "imprint_jax.cli", "train", "--config",
+                        "configs/stage2.py:tiny", "--workdir", str(tmp_path / "w"),
+                        "--set", f"init.encoder_from={tmp_path / 'missing'}"],
+                       cwd=REPO, capture_output=True, text=True,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert out.stderr.strip().splitlines()[-1].startswith("imprint-jax train: error:")
+
+
+def test_plan_reports_memory(sources, capsys):
+  from imprint_jax.train import plan
+  c = tiny(1, sources)
+  p = plan.plan(c, {"data": 2, "fsdp": 2, "tensor": 2})
+  assert p.mesh == {"data": 2, "fsdp": 2, "tensor": 2}
+  assert p.params_bytes > 0 and p.opt_bytes > 0 and p.temp_bytes and p.temp_bytes > 0
+  # fsdp x tensor = 4: parameters per device are well below the replicated size.
+  assert p.params_bytes < 0.5 * 4 * p.params_total
+  assert plan.print_plan(p, hbm_gib=16)
+  assert "fits in 16 GiB" in capsys.readouterr().out
