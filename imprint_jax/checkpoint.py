@@ -21,6 +21,7 @@ from flax import nnx
 
 from imprint_jax.errors import UserError
 from imprint_jax.models.imprint import Imprint, ImprintConfig
+from imprint_jax.models import layers
 
 CHECKPOINTS_DIR = "checkpoints"
 
@@ -127,7 +128,7 @@ def load_model(path: str | Path, *, dtype: str | None = None, expect_stage: int 
                     f" {cfg.unet.in_channels} input channels); this needs stage {expect_stage}")
   if dtype is not None:
     cfg = cfg.with_dtype(dtype)
-  abstract = nnx.eval_shape(lambda: Imprint(cfg, rngs=nnx.Rngs(0)))
+  abstract = nnx.eval_shape(lambda: Imprint(cfg, rngs=layers.init_rngs(0)))
   state = restore_model_state(ckpt, abstract)
   graphdef, _ = nnx.split(abstract, nnx.Param)
   return nnx.merge(graphdef, state), meta

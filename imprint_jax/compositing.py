@@ -59,6 +59,7 @@ from imprint_jax.data import masks as masks_lib
 from imprint_jax.data.pipeline import normalize_object, normalize_target
 from imprint_jax.errors import UserError
 from imprint_jax.models.imprint import Imprint, ImprintConfig, vae_factor
+from imprint_jax.models import layers
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 Box = tuple[int, int, int, int]
@@ -430,7 +431,7 @@ TRACE_COUNT = {"n": 0}  # incremented each time the device function is traced (t
 
 def _graphdef_for(cfg: ImprintConfig):
   if cfg not in _GRAPHDEFS:
-    abstract = nnx.eval_shape(lambda: Imprint(cfg, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Imprint(cfg, rngs=layers.init_rngs(0)))
     _GRAPHDEFS[cfg] = nnx.split(abstract)[0]
   return _GRAPHDEFS[cfg]
 

@@ -13,12 +13,13 @@ from imprint_jax.convert.common import AtomicDir
 from imprint_jax.errors import UserError
 from imprint_jax.models.adapter import AdapterConfig, ContentAdapter
 from imprint_jax.models.imprint import Imprint, ImprintConfig
+from imprint_jax.models import layers
 
 
 def assemble(dinov2, adapter, unet, vae) -> Imprint:
   """An `Imprint` made of already-built networks (no parameters copied)."""
   cfg = ImprintConfig(dinov2=dinov2.cfg, adapter=adapter.cfg, unet=unet.cfg, vae=vae.cfg)
-  model = nnx.eval_shape(lambda: Imprint(cfg, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: Imprint(cfg, rngs=layers.init_rngs(0)))
   model.dinov2, model.adapter, model.unet, model.vae = dinov2, adapter, unet, vae
   return model
 
@@ -39,7 +40,7 @@ def import_pretrained(*, dinov2: str, out: str, sd: str | None = None, unet: str
   adapter_cfg = AdapterConfig(in_dim=dino_m.cfg.hidden_size,
                               out_dim=unet_m.cfg.cross_attention_dim, depth=adapter_depth,
                               num_heads=adapter_heads)
-  adapter_m = ContentAdapter(adapter_cfg, rngs=nnx.Rngs(seed))
+  adapter_m = ContentAdapter(adapter_cfg, rngs=layers.init_rngs(seed))
   model = assemble(dino_m, adapter_m, unet_m, vae_m)
   return ckpt_lib.save_model(out, model, {"stage": 0, "step": 0,
                                           "sources": {"sd": sd, "unet": unet, "vae": vae,

@@ -157,7 +157,7 @@ def test_stage2_from_stage1_swaps_learning_rates(stage1_run, sources, tmp_path):
 
 
 def test_sharded_step_matches_single_device(sources):
-  c = tiny(2, sources, **{"init.encoder_from": ""})
+  c = tiny(2, sources, **{"init.encoder_from": "", "train.eps": 1e-6})
   c.allow_random_encoder = True
   data_cfg = train_data.data_config(c, list(c.data.sources), "train")
   batch_np = next(iter(pipeline.stage2_dataset(data_cfg, global_batch=8)))
@@ -176,10 +176,17 @@ def test_sharded_step_matches_single_device(sources):
     trace = []
     for _ in range(3):
       state, metrics = compiled(state, batch, rng)
-      trace.append(float(metrics["loss"]))
+      trace.append((float(metrics["loss"]), float(metrics["grad_norm"])))
     results.append((trace, jax.device_get(state.params)))
-  (loss1, p1), (loss8, p8) = results
-  np.testing.assert_allclose(loss8, loss1, rtol=1e-5)
+  (trace1, p1), (trace8, p8) = results
+  # Losses and gradient norms of three consecutive steps agree to float32 rounding
+  # (measured: <= 2e-7 relative).
+  np.testing.assert_allclose(trace8, trace1, rtol=1e-5)
+  # Parameters after three AdamW updates. Adam divides each gradient by its own running RMS,
+  # so with the default eps (1e-8) a parameter whose true gradient is zero (attention key
+  # biases: |g| ~ 1e-10 of pure rounding noise) would move by ~lr in a direction set by that
+  # noise; this test raises eps to 1e-6 (see `c` above) so such parameters stay put and the
+  # comparison measures the sharded step, not Adam's amplification of rounding noise.
   for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
 
@@ -221,8 +228,9 @@ def test_two_processes_match_one(stage1_run, sources, tmp_path):
   ref = losses(ref_dir)
   steps = 6
   port = _free_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4", PYTHONUNBUFFERED="1")
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1",
+             XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=4"]))
   sets = [f"data.sources=(({sources['mvimgnet']!r}, 1.0),)", f"train.num_steps={STEPS}",
           "log_every=1", "eval_every=0", "sample_every=0", f"checkpoint_every={steps}"]
   procs = []
@@ -259,8 +267,11 @@ def test_bad_config_values_fail_before_compiling(sources, tmp_path):
   c.components.unet_middle = {"lr": 1e-4}
   with pytest.raises(UserError, match="unknown component label 'unet_middle'"):
     setup_lib.build(c, total_steps=4, steps_per_epoch=4)
-  c = tiny(1, sources, **{"mesh.data": 3})
+  c = tiny(1, sources, **{"mesh.data": 3, "mesh.fsdp": -1})
   with pytest.raises(UserError, match="does not divide the 8 devices"):
+    setup_lib.build(c, total_steps=4, steps_per_epoch=4)
+  c = tiny(1, sources, **{"mesh.data": 3})
+  with pytest.raises(UserError, match="needs 3 devices, but there are 8"):
     setup_lib.build(c, total_steps=4, steps_per_epoch=4)
   c = tiny(1, sources, **{"train.global_batch": 12})
   with pytest.raises(UserError, match="not divisible by data x fsdp = 8"):

@@ -25,6 +25,7 @@ from imprint_jax.convert import common
 from imprint_jax.convert.common import Rule
 from imprint_jax.errors import UserError
 from imprint_jax.models.vae import AutoencoderKL, VAEConfig
+from imprint_jax.models import layers
 
 WHAT = "VAE"
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -144,7 +145,7 @@ def load_vae(folder: str | os.PathLike, *, dtype: str = "float32",
            if r.kind == "linear" and getattr(tensors.get(r.torch), "ndim", 2) == 4 else r
            for r in rules]
   # Shapes only: every parameter is overwritten, so random initialisation would be wasted work.
-  vae = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
+  vae = nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=layers.init_rngs(0)))
   common.load_into(vae, rules, tensors, source=source, what=WHAT)
   return vae
 

@@ -33,6 +33,7 @@ from imprint_jax.metrics.clip import CLIPVision, CLIPVisionConfig
 from imprint_jax.metrics.fid import CONVERT_INCEPTION, inception_missing_message
 from imprint_jax.metrics.inception import DIVISORS, FIDInceptionV3, InceptionConfig
 from imprint_jax.metrics.vit import ViT, ViTConfig
+from imprint_jax.models import layers
 
 
 def _drop(tensors: Mapping[str, np.ndarray], ignored: re.Pattern) -> dict[str, np.ndarray]:
@@ -82,7 +83,7 @@ def load_clip(folder: str | os.PathLike, dtype: str = "float32") -> CLIPVision:
   files = common.find_weight_file(folder, "model")
   cfg = CLIPVisionConfig.from_hf(common.read_json(folder / "config.json", CLIP_WHAT), dtype)
   tensors = _drop(common.read_safetensors(files), _CLIP_IGNORED)
-  model = nnx.eval_shape(lambda: CLIPVision(cfg, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: CLIPVision(cfg, rngs=layers.init_rngs(0)))
   common.load_into(model, clip_rules(cfg), tensors, source=str(folder), what=CLIP_WHAT)
   return model
 
@@ -115,7 +116,7 @@ def load_vit(folder: str | os.PathLike, dtype: str = "float32") -> ViT:
   files = common.find_weight_file(folder, "model")
   cfg = ViTConfig.from_hf(common.read_json(folder / "config.json", VIT_WHAT), dtype)
   tensors = _drop(common.read_safetensors(files), _VIT_IGNORED)
-  model = nnx.eval_shape(lambda: ViT(cfg, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: ViT(cfg, rngs=layers.init_rngs(0)))
   common.load_into(model, vit_rules(cfg), tensors, source=str(folder), what=VIT_WHAT)
   return model
 
@@ -179,6 +180,6 @@ def load_inception(path: str | os.PathLike, dtype: str = "float32") -> FIDIncept
     raise UserError(f"{path}: not pytorch-fid Inception weights (Conv2d_1a_3x3.conv.weight"
                     f" missing or of shape {None if first is None else first.shape})")
   cfg = InceptionConfig(width_divisor=32 // first.shape[0], dtype=dtype)
-  model = nnx.eval_shape(lambda: FIDInceptionV3(cfg, rngs=nnx.Rngs(0)))
+  model = nnx.eval_shape(lambda: FIDInceptionV3(cfg, rngs=layers.init_rngs(0)))
   common.load_into(model, inception_rules(), tensors, source=str(path), what=INCEPTION_WHAT)
   return model

@@ -173,4 +173,4 @@ class ContentAdapter(nnx.Module):
 
 def abstract_adapter(cfg: AdapterConfig) -> ContentAdapter:
   """A ContentAdapter with placeholder parameters (no memory): fill with load_into."""
-  return nnx.eval_shape(lambda: ContentAdapter(cfg, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: ContentAdapter(cfg, rngs=layers.init_rngs(0)))

@@ -396,7 +396,7 @@ class Dinov2(nnx.Module):
 
 def abstract_dinov2(cfg: Dinov2Config) -> Dinov2:
   """A Dinov2 whose parameters are shape/dtype placeholders (no memory): fill with load_into."""
-  return nnx.eval_shape(lambda: Dinov2(cfg, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: Dinov2(cfg, rngs=layers.init_rngs(0)))
 
 
 def num_tokens(cfg: Dinov2Config, height: int, width: int) -> int:

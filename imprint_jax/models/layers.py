@@ -66,6 +66,39 @@ def lecun_normal() -> Callable:
   return init
 
 
+class InitRngs:
+  """Parameter-initialisation keys: `params()` returns fold_in(key, 0), fold_in(key, 1), ...
+
+  The same keys, in the same order, as `nnx.Rngs(seed).params()`, so models initialise to
+  the same values; but the counter is a Python int. nnx.Rngs keeps it in a Variable, and
+  under tracing (jit, eval_shape) every increment makes flax probe `tracer.sharding`, whose
+  error message JAX builds by walking the whole trace: model construction became quadratic
+  in the number of parameters (6 s for the tiny test model, minutes at full size; 1 s now).
+  Duck-types what flax's layers use of nnx.Rngs (`params()`, `default()`, calling it).
+  """
+
+  def __init__(self, seed: int | jax.Array = 0):
+    self.key = jax.random.key(seed) if isinstance(seed, int) else seed
+    self._count = 0
+
+  def __call__(self) -> jax.Array:
+    key = jax.random.fold_in(self.key, self._count)
+    self._count += 1
+    return key
+
+  params = default = __call__
+
+
+def init_rngs(seed: int = 0) -> "nnx.Rngs":
+  """Keys for building a model (see InitRngs); pass as `rngs=` to any model constructor."""
+  return InitRngs(seed)  # type: ignore[return-value]
+
+
+def abstract(build: Callable[[Any], Any]) -> Any:
+  """`build(rngs)` as a shape-only module (parameters are ShapeDtypeStructs), fast."""
+  return nnx.eval_shape(lambda: build(init_rngs(0)))
+
+
 def axes(*names: str | None) -> dict[str, Any]:
   """Variable metadata carrying logical axis names; sharding is applied later, not eagerly."""
   return {"out_sharding": tuple(names), "eager_sharding": False}

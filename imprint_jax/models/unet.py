@@ -360,7 +360,7 @@ def _make(rngs: nnx.Rngs | None, build: Callable[[nnx.Rngs], Any]) -> Any:
   a whole UNet quadratic in its size (11 s for SD 1.5 on CPU, against 2 s this way).
   """
   if rngs is None:
-    return nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: build(layers.init_rngs(0)))
   return build(rngs)
 
 

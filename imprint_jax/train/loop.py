@@ -165,7 +165,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
           stop_after: int | None = None) -> RunResult:
   """Runs (or resumes) a training run in `workdir`. `stop_after` ends the run early at that
   step, as if preempted (for tests and experiments)."""
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+  if not log.handlers:  # absl may own the root logger: give ours its own handler
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
   c = config
@@ -183,14 +188,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
   if latest is not None and not resume:
     raise UserError(f"{workdir} already holds checkpoints (latest step {latest}); pass --resume"
                     " to continue or use a new --workdir")
+  log.info("stage %d: %d steps (%d per epoch), global batch %d, mesh %s", c.stage, total_steps,
+           steps_per_epoch, c.train.global_batch, dict(setup.mesh.shape))
   if resume and latest is not None:
     state, meta = ckpts.restore(setup)
     data_state = meta.get("data_state")
     start = int(meta["step"])
     log.info("resumed from step %d", start)
   else:
+    t0 = time.time()
     state = setup_lib.init_state(setup)
     start = 0
+    log.info("initialised the state in %.1f s", time.time() - t0)
   (workdir / "config.json").write_text(c.to_json_best_effort(indent=2) + "\n")
 
   compiled, eval_fn = compile_steps(setup)
@@ -198,6 +207,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
   if data_state is not None:
     train_it.set_state(data_state)
   val_batches = train_data.val_batches(c, setup, sources)
+  log.info("data ready: %d validation batches", len(val_batches))
   writers = _Writers(workdir, start if resume else None)
   rng = jax.device_put(jax.random.PRNGKey(c.seed), NamedSharding(setup.mesh, P()))
   eval_rng = jax.random.PRNGKey(c.seed + 1)
@@ -225,6 +235,29 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
   last_loss, val_loss, preempted = None, None, False
   t_window = time.time()
   step = start
+
+  def flush_metrics():
+    """Fetches the window's metrics (the loop's only host sync), checks them, logs them."""
+    nonlocal last_loss, t_window
+    if not pending:
+      return
+    fetched = jax.device_get(pending)
+    bad = _first_bad_step(window, [m["loss"] for m in fetched])
+    if bad is not None:
+      raise NonFiniteLoss(f"non-finite loss at step {bad[0]} (batch pair ids"
+                          f" {bad[1][:16]}{'...' if len(bad[1]) > 16 else ''}); stopping")
+    for (s, _), m in zip(window, fetched):
+      writers.write(s, {k: float(v) for k, v in m.items()})
+    last_loss = float(fetched[-1]["loss"])
+    dt = time.time() - t_window
+    if progress is not None:
+      progress.update(len(fetched))
+      progress.set_postfix(loss=f"{last_loss:.4f}",
+                           img_s=f"{len(fetched) * c.train.global_batch / dt:.1f}")
+    window.clear()
+    pending.clear()
+    t_window = time.time()
+
   with _Preemption() as preemption:
     try:
       while step < end:
@@ -235,22 +268,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         pending.append(metrics)
         boundary = step % c.log_every == 0 or step == end
         if boundary:
-          fetched = jax.device_get(pending)
-          bad = _first_bad_step(window, [m["loss"] for m in fetched])
-          if bad is not None:
-            raise NonFiniteLoss(f"non-finite loss at step {bad[0]} (batch pair ids"
-                                f" {bad[1][:16]}{'...' if len(bad[1]) > 16 else ''}); stopping")
-          for (s, _), m in zip(window, fetched):
-            writers.write(s, {k: float(v) for k, v in m.items()})
-          last_loss = float(fetched[-1]["loss"])
-          dt = time.time() - t_window
-          if progress is not None:
-            progress.update(len(fetched))
-            progress.set_postfix(loss=f"{last_loss:.4f}",
-                                 img_s=f"{len(fetched) * c.train.global_batch / dt:.1f}")
-          window.clear()
-          pending.clear()
-          t_window = time.time()
+          flush_metrics()
         if c.eval_every and (step % c.eval_every == 0 or step == end):
           val_loss = validate(state)
           if val_loss is not None:
@@ -259,10 +277,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
           train_data.write_samples(c, setup, state, val_batches, workdir / "samples",
                                    step)
         stop = (preemption.agreed() if boundary and jax.process_count() > 1
-                else preemption.requested)
+                else preemption.requested and jax.process_count() == 1)
         if stop and step < end:
           preempted = True
           log.info("SIGTERM: saving a checkpoint at step %d and exiting", step)
+          flush_metrics()
           ckpts.save(state, meta_at(step), force=True)
           break
         if step % c.checkpoint_every == 0 or step == end:

@@ -147,7 +147,7 @@ def build(c: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: in
     if s is not None:
       s.fn(boundaries, total_steps)  # checks the number of phases
 
-  abstract_model = nnx.eval_shape(lambda: Imprint(model_cfg, rngs=nnx.Rngs(0)))
+  abstract_model = layers.abstract(lambda r: Imprint(model_cfg, rngs=r))
   graphdef, params, frozen = nnx.split(abstract_model, optim.trainable_filter(schedules), ...)
   tx = optim.make_optimizer(params, schedules, boundaries=boundaries, total_steps=total_steps,
                             weight_decay=c.train.weight_decay, b1=c.train.b1, b2=c.train.b2,
@@ -184,7 +184,7 @@ def _restore_into(setup: Setup, path: str, parts: tuple[str, ...], state: nnx.St
       raise UserError(f"{what} {ckpt}: its {part} differs from the config in {diff[0]}"
                       f" ({getattr(a, diff[0])!r} vs {getattr(b, diff[0])!r})")
   src_run_cfg = src_cfg.with_dtype(run_cfg.unet.dtype)
-  abstract = nnx.eval_shape(lambda: Imprint(src_run_cfg, rngs=nnx.Rngs(0)))
+  abstract = layers.abstract(lambda r: Imprint(src_run_cfg, rngs=r))
   restored = ckpt_lib.restore_model_state(ckpt, abstract, _model_shardings(setup, abstract))
   for part in parts:
     src = restored[part]
@@ -213,22 +213,12 @@ def init_state(setup: Setup) -> TrainState:
 
   Parameters come from a random init, then `init.checkpoint` (an `imprint-jax import`
   checkpoint: all four networks; a 4-channel UNet is widened for stage 2), then
-  `init.encoder_from` (stage 2: DINOv2 + adapter of a stage-1 run).
+  `init.encoder_from` (stage 2: DINOv2 + adapter of a stage-1 run). Without checkpoints the
+  whole state (parameters and optimizer) is created by one jitted function.
   """
   c = setup.config
   model_cfg = setup.model_cfg
-  abstract_model = nnx.eval_shape(lambda: Imprint(model_cfg, rngs=nnx.Rngs(0)))
-  model_shardings = _model_shardings(setup, abstract_model)
-
-  def random_init():
-    return nnx.state(Imprint(model_cfg, rngs=nnx.Rngs(c.seed)), nnx.Param)
-
-  state = jax.jit(random_init, out_shardings=model_shardings)()
-  if c.init.checkpoint:
-    _restore_into(setup, c.init.checkpoint, ("dinov2", "adapter", "unet", "vae"), state,
-                  "init.checkpoint")
-  if c.init.encoder_from:
-    _restore_into(setup, c.init.encoder_from, ("dinov2", "adapter"), state, "init.encoder_from")
+  abstract_model = layers.abstract(lambda r: Imprint(model_cfg, rngs=r))
   model_graphdef = nnx.graphdef(abstract_model)
   trainable = optim.trainable_filter(setup.schedules)
   tx = setup.tx
@@ -239,6 +229,17 @@ def init_state(setup: Setup) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                       opt_state=tx.init(params))
 
+  def random_init():
+    return nnx.state(Imprint(model_cfg, rngs=layers.init_rngs(c.seed)), nnx.Param)
+
+  if not (c.init.checkpoint or c.init.encoder_from):
+    return jax.jit(lambda: assemble(random_init()), out_shardings=setup.state_shardings)()
+  state = jax.jit(random_init, out_shardings=_model_shardings(setup, abstract_model))()
+  if c.init.checkpoint:
+    _restore_into(setup, c.init.checkpoint, ("dinov2", "adapter", "unet", "vae"), state,
+                  "init.checkpoint")
+  if c.init.encoder_from:
+    _restore_into(setup, c.init.encoder_from, ("dinov2", "adapter"), state, "init.encoder_from")
   return jax.jit(assemble, out_shardings=setup.state_shardings, donate_argnums=0)(state)
 
 
