@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -144,6 +145,12 @@ def test_remat_same_output_and_grads(hf_folders):
     loss = lambda b: jnp.mean(layers.call_block(b, h, remat=remat) ** 2)
     grads.append(nnx.jit(nnx.grad(loss))(block)["mlp"]["weights_in"]["kernel"][...])
   np.testing.assert_allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+  # As the train step does it: the block merged from its state inside the gradient's trace.
+  graphdef, state = nnx.split(block)
+  loss = lambda s: jnp.mean(layers.call_block(nnx.merge(graphdef, s), h, remat="full") ** 2)
+  g = jax.jit(jax.grad(loss))(state)
+  np.testing.assert_allclose(g["mlp"]["weights_in"]["kernel"][...], grads[0], rtol=1e-5,
+                             atol=1e-8)
 
 
 def test_bfloat16_close_to_float32(hf_folders):
