@@ -184,6 +184,38 @@ def test_sd1_style_parity(sd1):
     assert len(var.get_metadata()["out_sharding"]) == var.get_value().ndim, path
 
 
+def test_accelerator_forms_match_reference(sd1):
+  """Traced for a GPU/TPU (`layers.compiling_for`), the UNet uses `jax.nn.dot_product_attention`
+  and reduction GroupNorm instead of the CPU forms; both match diffusers, forward and
+  backward."""
+  from imprint_jax.models import layers
+  graphdef, state = nnx.split(sd1["unet"])
+  args = (jnp.asarray(sd1["x"].transpose(0, 2, 3, 1)), jnp.asarray(sd1["t"]),
+          jnp.asarray(sd1["ctx"]))
+
+  def make_run():  # a new function per platform: JAX caches traces per function object
+    def run(s, x, t, c):
+      out = nnx.merge(graphdef, s)(x, t, c)
+      return out, jax.grad(lambda s: jnp.mean(nnx.merge(graphdef, s)(x, t, c) ** 2))(s)
+    return run
+
+  results, jaxprs = {}, {}
+  for name in ("cpu", "gpu"):
+    run = make_run()
+    with layers.compiling_for(name):
+      results[name] = jax.jit(run, compiler_options=_FAST_COMPILE)(state, *args)
+      jaxprs[name] = str(jax.make_jaxpr(run)(state, *args))
+    assert layers.platform() == jax.default_backend()
+  assert jaxprs["cpu"] != jaxprs["gpu"]  # the two forms really are different code
+  out_gpu = np.asarray(results["gpu"][0]).transpose(0, 3, 1, 2)
+  assert _rel_err(out_gpu, sd1["ref"]) <= REL_TOL
+  for (path, a), (_, b) in zip(nnx.to_flat_state(results["gpu"][1]),
+                               nnx.to_flat_state(results["cpu"][1])):
+    b = np.asarray(b[...])
+    np.testing.assert_allclose(np.asarray(a[...]), b, rtol=0,
+                               atol=1e-4 * float(np.abs(b).max()) + 1e-12, err_msg=str(path))
+
+
 def test_sd2_style_parity(tmp_path):
   model = _torch_unet(1, **SD2)
   unet = load_unet(_save(model, tmp_path))

@@ -14,12 +14,18 @@ The logical axes used across the project:
   time       timestep-embedding features
 
 Parameters are always float32 (the master copy); `dtype` is the compute dtype.
+
+Attention, GroupNorm and tiny convolutions have a form per platform (`platform()`): on TPU
+splash attention, on GPU cuDNN attention, on CPU the forms XLA's CPU backend runs fastest
+(benchmarks/train_step.py --profile). tests/test_layers.py checks the forms agree.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -29,6 +35,27 @@ from flax import nnx
 from imprint_jax.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+_PLATFORM: contextvars.ContextVar[str | None] = contextvars.ContextVar("platform", default=None)
+
+
+def platform() -> str:
+  """The platform the code being traced is compiled for: the one set by `compiling_for`, else
+  JAX's default backend. Picks the CPU or accelerator forms of attention, GroupNorm and
+  convolution."""
+  return _PLATFORM.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(name: str) -> Iterator[None]:
+  """Traces model code for platform `name` ('cpu', 'gpu', 'tpu'), e.g. when compiling ahead
+  of time for TPU devices from a CPU host (`imprint-jax plan --topology`). JAX caches traces
+  per function object and does not see this setting: trace a function not traced before."""
+  token = _PLATFORM.set(name)
+  try:
+    yield
+  finally:
+    _PLATFORM.reset(token)
 
 
 def compute_dtype(name: str) -> Any:
@@ -124,7 +151,48 @@ def conv(in_features: int, out_features: int, kernel_size: int, *, dtype: Any,
   return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=stride,
                   padding=padding, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                   rngs=rngs, kernel_metadata=axes(None, None, "conv_in", "conv_out"),
-                  bias_metadata=axes("conv_out"), **kw)
+                  bias_metadata=axes("conv_out"), conv_general_dilated=_conv_general_dilated,
+                  **kw)
+
+
+# XLA's CPU convolution is ~10x slower than a matmul on feature maps of a few pixels (2x2:
+# 2.8 ms vs 0.2 ms forward for 8 x 128 -> 128 channels; benchmarks/train_step.py --profile),
+# the lowest UNet level at small image sizes. Up to this many output pixels, CPU convolutions
+# run as one matmul over the stacked shifted windows (im2col).
+_IM2COL_MAX_PIXELS = 9
+
+
+def _conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                          precision=None, **kw):
+  """`jax.lax.conv_general_dilated`, or `_conv_im2col` for tiny stride-1 NHWC/HWIO
+  convolutions on CPU (the same result within float rounding)."""
+  simple = (lhs.ndim == 4 and isinstance(padding, (list, tuple))
+            and all(s == 1 for s in window_strides)
+            and all(d == 1 for d in (lhs_dilation or (1, 1)) + tuple(rhs_dilation or (1, 1)))
+            and feature_group_count == 1 and kw.get("out_sharding") is None
+            and "preferred_element_type" not in kw
+            and dimension_numbers == jax.lax.conv_dimension_numbers(
+                lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")))
+  if simple and platform() == "cpu":
+    (lo_h, hi_h), (lo_w, hi_w) = padding
+    out_h = lhs.shape[1] + lo_h + hi_h - rhs.shape[0] + 1
+    out_w = lhs.shape[2] + lo_w + hi_w - rhs.shape[1] + 1
+    if out_h * out_w <= _IM2COL_MAX_PIXELS:
+      return _conv_im2col(lhs, rhs, padding, (out_h, out_w), precision)
+  return jax.lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+      precision=precision, **kw)
+
+
+def _conv_im2col(x_BHWC, k_HWIO, padding, out_hw, precision):
+  kh, kw_, cin, cout = k_HWIO.shape
+  (oh, ow) = out_hw
+  xp = jnp.pad(x_BHWC, ((0, 0), *padding, (0, 0)))
+  cols = jnp.concatenate([xp[:, i:i + oh, j:j + ow, :] for i in range(kh) for j in range(kw_)],
+                         axis=-1)
+  return jnp.dot(cols, k_HWIO.reshape(kh * kw_ * cin, cout), precision=precision)
 
 
 def layer_norm(num_features: int, *, eps: float, dtype: Any, rngs: nnx.Rngs,
@@ -135,47 +203,158 @@ def layer_norm(num_features: int, *, eps: float, dtype: Any, rngs: nnx.Rngs,
 
 
 def group_norm(num_features: int, num_groups: int, *, eps: float, dtype: Any,
-               rngs: nnx.Rngs) -> nnx.GroupNorm:
-  # use_fast_variance=False: E[(x-mean)^2] like PyTorch, not E[x^2]-E[x]^2, which loses
-  # precision on the large activations of pretrained UNets/VAEs.
-  return nnx.GroupNorm(num_features, num_groups=num_groups, epsilon=eps, dtype=dtype,
-                       param_dtype=jnp.float32, use_fast_variance=False, rngs=rngs,
-                       scale_metadata=axes("norm"), bias_metadata=axes("norm"))
+               rngs: nnx.Rngs) -> "GroupNorm":
+  del rngs  # scale 1, bias 0: nothing random
+  return GroupNorm(num_features, num_groups, eps=eps, dtype=dtype)
+
+
+class GroupNorm(nnx.Module):
+  """GroupNorm over the last (channel) axis of (B, ..., C) activations, with parameters
+  `scale` and `bias` like `nnx.GroupNorm`.
+
+  Statistics in float32 with the two-pass variance E[(x - mean)^2] of PyTorch (E[x^2] - E[x]^2
+  loses precision on the large activations of pretrained UNets/VAEs); output in the compute
+  dtype. On CPU the per-channel sums are matrix-vector products (`_group_norm_dot`): XLA's CPU
+  reductions over the spatial axes of an NHWC tensor are several times slower than its
+  matmuls (benchmarks/train_step.py --profile); elsewhere plain reductions
+  (`_group_norm_reduce`): TPUs and GPUs fuse them well, and a matmul would round the float32
+  activations to bfloat16 on TPU matrix units at default precision.
+  """
+
+  def __init__(self, num_features: int, num_groups: int, *, eps: float, dtype: Any):
+    if num_features % num_groups:
+      raise UserError(f"GroupNorm: {num_features} channels do not split into {num_groups} groups")
+    self.num_groups, self.eps, self.dtype = num_groups, eps, dtype
+    self.scale = nnx.Param(jnp.ones((num_features,), jnp.float32), **axes("norm"))
+    self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32), **axes("norm"))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    impl = _group_norm_dot if platform() == "cpu" else _group_norm_reduce
+    return impl(x, self.scale[...], self.bias[...], self.num_groups, self.eps).astype(
+        self.dtype or x.dtype)
+
+
+def _group_norm_reduce(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
+                       eps: float) -> jax.Array:
+  b, c = x.shape[0], x.shape[-1]
+  xg = x.reshape(b, -1, groups, c // groups).astype(jnp.float32)
+  mean = xg.mean((1, 3), keepdims=True)
+  d = xg - mean
+  var = jnp.square(d).mean((1, 3), keepdims=True)
+  y = (d * jax.lax.rsqrt(var + eps)).reshape(x.shape)
+  return y * scale + bias
+
+
+def _group_norm_dot(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
+                    eps: float) -> jax.Array:
+  b, c = x.shape[0], x.shape[-1]
+  x_BLC = x.reshape(b, -1, c).astype(jnp.float32)
+  n = x_BLC.shape[1] * (c // groups)
+  # A (1, L) x (L, C) product per sample: C stays the minor axis, so XLA needs no transpose
+  # of the activation (a (B, C) x L matrix-vector product costs one).
+  ones_B1L = jnp.ones((b, 1, x_BLC.shape[1]), jnp.float32)
+
+  def group_mean(t_BLC):  # (B, L, C) -> (B, C): the mean over L and the channel's group
+    sums_BC = jnp.einsum("bkl,blc->bkc", ones_B1L, t_BLC)[:, 0]
+    return jnp.repeat(sums_BC.reshape(b, groups, c // groups).sum(-1) / n, c // groups, axis=1)
+
+  d_BLC = x_BLC - group_mean(x_BLC)[:, None, :]
+  inv_BC = jax.lax.rsqrt(group_mean(jnp.square(d_BLC)) + eps) * scale
+  return (d_BLC * inv_BC[:, None, :] + bias).reshape(x.shape)
 
 
 def attention(q_BLHD: jax.Array, k_BSHD: jax.Array, v_BSHD: jax.Array, *,
               upcast: bool = False) -> jax.Array:
-  """Softmax attention, (B, L, H, D) layout.
+  """Softmax attention, (B, L, H, D) layout, by platform (`platform()`):
 
-  On GPU/TPU through `jax.nn.dot_product_attention`: XLA picks the implementation (cuDNN flash
-  attention on GPUs when the dtype is bf16/fp16 and the head dim allows it, otherwise its fused
-  path). On CPU through `_attention_cpu`, 1.4x faster there (forward + backward). `upcast`
-  computes in float32 (SD 2.x's `upcast_attention`), returning the input dtype.
+  * TPU: splash attention (`_attention_splash`, a Pallas flash-attention kernel that never
+    materialises the (L, S) scores) when both sequence lengths are multiples of 128 - the
+    UNet's self-attention at 64x64, 32x32 and 16x16 latents - else XLA's fused path;
+  * GPU: `jax.nn.dot_product_attention`, which picks cuDNN flash attention for bf16/fp16;
+  * CPU: `_attention_cpu`, the layout XLA's CPU backend runs fastest.
+
+  `upcast` computes in float32 (SD 2.x's `upcast_attention`), returning the input dtype.
   """
   dtype = q_BLHD.dtype
   if upcast:
     q_BLHD, k_BSHD, v_BSHD = (t.astype(jnp.float32) for t in (q_BLHD, k_BSHD, v_BSHD))
-  if jax.default_backend() == "cpu":
+  where = platform()
+  if where == "cpu":
     out = _attention_cpu(q_BLHD, k_BSHD, v_BSHD)
+  elif where == "tpu" and splash_supported(q_BLHD.shape[1], k_BSHD.shape[1]):
+    out = _attention_splash(q_BLHD, k_BSHD, v_BSHD)
   else:
     out = jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD)
   return out.astype(dtype)
 
 
+_SPLASH_LANES = 128  # the kernel's block sizes are multiples of the TPU's 128 lanes
+
+
+def splash_supported(q_len: int, kv_len: int) -> bool:
+  return q_len % _SPLASH_LANES == 0 and kv_len % _SPLASH_LANES == 0
+
+
+def _splash_block(n: int) -> int:
+  return next(b for b in (512, 256, 128) if n % b == 0)
+
+
+def _attention_splash(q_BLHD: jax.Array, k_BSHD: jax.Array, v_BSHD: jax.Array, *,
+                      interpret: bool = False) -> jax.Array:
+  """Splash attention (jax.experimental.pallas.ops.tpu) with a full (unmasked) mask, one
+  kernel call per sample. A Pallas call is not partitioned by XLA, so under a mesh it runs in
+  `shard_map` over the batch axes (and heads over `tensor` when they divide), each device on
+  its own samples. `interpret` runs the kernel in the Pallas interpreter (tests on CPU)."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (
+      splash_attention_kernel as splash, splash_attention_mask as masks)
+  b, l, h, d = q_BLHD.shape
+  s = k_BSHD.shape[1]
+  mesh = jax.sharding.get_abstract_mesh()
+  batch_axes = tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names
+                     and mesh.shape[a] > 1)
+  if batch_axes and b % math.prod(mesh.shape[a] for a in batch_axes):
+    batch_axes = ()
+  head_axis = ("tensor" if not mesh.empty and "tensor" in mesh.axis_names
+               and mesh.shape["tensor"] > 1 and h % mesh.shape["tensor"] == 0 else None)
+  local_heads = h // (mesh.shape[head_axis] if head_axis else 1)
+  bq, bkv = _splash_block(l), _splash_block(s)
+  kernel = splash.make_splash_mha(
+      masks.MultiHeadMask([masks.FullMask((l, s)) for _ in range(local_heads)]),
+      head_shards=1, q_seq_shards=1, interpret=interpret,
+      block_sizes=splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
+                                    block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
+                                    block_q_dq=bq, block_kv_dq=bkv))
+  scale = jnp.asarray(d ** -0.5, q_BLHD.dtype)
+
+  def local(q, k, v):  # (b', L, h', D) blocks of one device
+    q_BHLD, k_BHSD, v_BHSD = (jnp.swapaxes(t, 1, 2) for t in (q * scale, k, v))
+    return jnp.swapaxes(jax.vmap(kernel)(q_BHLD, k_BHSD, v_BHSD), 1, 2)
+
+  if not batch_axes and head_axis is None:
+    return local(q_BLHD, k_BSHD, v_BSHD)
+  spec = jax.sharding.PartitionSpec(
+      (batch_axes if len(batch_axes) > 1 else batch_axes[0]) if batch_axes else None,
+      None, head_axis, None)
+  return jax.shard_map(local, in_specs=(spec, spec, spec), out_specs=spec,
+                       check_vma=False)(q_BLHD, k_BSHD, v_BSHD)
+
+
 def _attention_cpu(q_BLHD: jax.Array, k_BSHD: jax.Array, v_BSHD: jax.Array) -> jax.Array:
-  """Attention with the softmax normalisation deferred to the output: exp(s - max) @ v, then
-  divided by the row sums, so the (B, H, L, S) scores are never divided, broadcast or copied
-  into another layout (the XLA path of `jax.nn.dot_product_attention` does all three, and on
-  CPU those passes over the scores cost more than the two matrix products). Measured by
-  benchmarks/train_step.py --profile; same result within float rounding."""
-  scale = q_BLHD.shape[-1] ** -0.5
-  s_BHLS = jnp.einsum("blhd,bshd->bhls", q_BLHD * jnp.asarray(scale, q_BLHD.dtype), k_BSHD,
-                      preferred_element_type=jnp.float32)
+  """Softmax attention as XLA's CPU backend runs it fastest (benchmarks/train_step.py
+  --profile): heads moved ahead of the sequence first, so both products are plain batched
+  matmuls over contiguous (L, D) / (S, D) tiles, and the softmax normalisation deferred to the
+  (B, H, L, D) output, so the (B, H, L, S) scores are never divided, broadcast or copied into
+  another layout. `jax.nn.dot_product_attention`'s XLA path does all of these on the scores;
+  this is 4x faster forward and 2x forward + backward on the UNet's self-attention shapes.
+  Same result within float rounding."""
+  scale = jnp.asarray(q_BLHD.shape[-1] ** -0.5, q_BLHD.dtype)
+  q_BHLD, k_BHSD, v_BHSD = (jnp.swapaxes(t, 1, 2) for t in (q_BLHD * scale, k_BSHD, v_BSHD))
+  s_BHLS = jnp.einsum("bhld,bhsd->bhls", q_BHLD, k_BHSD, preferred_element_type=jnp.float32)
   p_BHLS = jnp.exp(s_BHLS - jax.lax.stop_gradient(s_BHLS.max(-1, keepdims=True)))
-  out_BLHD = jnp.einsum("bhls,bshd->blhd", p_BHLS.astype(v_BSHD.dtype), v_BSHD,
+  out_BHLD = jnp.einsum("bhls,bhsd->bhld", p_BHLS.astype(v_BHSD.dtype), v_BHSD,
                         preferred_element_type=jnp.float32)
-  denom_BLH = jnp.swapaxes(p_BHLS.sum(-1), 1, 2)
-  return (out_BLHD / denom_BLH[..., None]).astype(q_BLHD.dtype)
+  out_BHLD = out_BHLD / p_BHLS.sum(-1, keepdims=True)
+  return jnp.swapaxes(out_BHLD, 1, 2).astype(q_BLHD.dtype)
 
 
 BATCH_AXES = ("data", "fsdp")

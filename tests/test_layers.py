@@ -1,0 +1,112 @@
+"""The platform forms of attention and GroupNorm agree with each other (forward and backward).
+
+The CPU forms are what every parity test on this machine runs; the accelerator forms are
+checked here on CPU: reduction GroupNorm directly, and the TPU's splash attention kernel in
+the Pallas interpreter, alone and inside `shard_map` on a data x fsdp x tensor mesh.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from imprint_jax.models import layers
+
+
+def _qkv(b=2, l=256, s=256, h=2, d=40, seed=0):
+  rs = np.random.RandomState(seed)
+  return tuple(jnp.asarray(rs.randn(b, n, h, d).astype(np.float32)) for n in (l, s, s))
+
+
+def _loss(attn):
+  return lambda q, k, v: jnp.sum(jnp.sin(attn(q, k, v)))
+
+
+def _close(a, b, tol=1e-5):
+  a, b = np.asarray(a), np.asarray(b)
+  np.testing.assert_allclose(a, b, rtol=0, atol=tol * float(np.abs(b).max()))
+
+
+def test_cpu_attention_matches_xla():
+  q, k, v = _qkv(l=64, s=20, h=4, d=8)
+  _close(layers._attention_cpu(q, k, v), jax.nn.dot_product_attention(q, k, v))
+  for a, b in zip(jax.grad(_loss(layers._attention_cpu), (0, 1, 2))(q, k, v),
+                  jax.grad(_loss(jax.nn.dot_product_attention), (0, 1, 2))(q, k, v)):
+    _close(a, b)
+
+
+def test_splash_attention_matches_xla():
+  q, k, v = _qkv()
+  splash = lambda q, k, v: layers._attention_splash(q, k, v, interpret=True)
+  _close(jax.jit(splash)(q, k, v), jax.nn.dot_product_attention(q, k, v))
+  for a, b in zip(jax.jit(jax.grad(_loss(splash), (0, 1, 2)))(q, k, v),
+                  jax.grad(_loss(jax.nn.dot_product_attention), (0, 1, 2))(q, k, v)):
+    _close(a, b)
+
+
+def test_splash_attention_sharded():
+  """Under a data=2 x fsdp=2 x tensor=2 mesh the kernel runs per device in shard_map."""
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  q, k, v = _qkv(b=4, h=4, d=16)
+  from imprint_jax.train import sharding
+  mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  sh = NamedSharding(mesh, P(("data", "fsdp")))
+  splash = jax.jit(lambda q, k, v: layers._attention_splash(q, k, v, interpret=True))
+  with jax.set_mesh(mesh):
+    out = splash(*(jax.device_put(t, sh) for t in (q, k, v)))
+    assert "shard_map" in str(jax.make_jaxpr(splash)(q, k, v))
+  _close(out, jax.nn.dot_product_attention(q, k, v))
+
+
+def test_splash_only_for_lane_multiples():
+  assert layers.splash_supported(4096, 4096) and layers.splash_supported(256, 128)
+  assert not layers.splash_supported(4096, 261) and not layers.splash_supported(64, 64)
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 8, 8, 32), 8), ((2, 5, 16), 4), ((1, 4, 4, 6), 3)])
+def test_group_norm_forms_agree(shape, groups):
+  rs = np.random.RandomState(1)
+  x = jnp.asarray(rs.randn(*shape).astype(np.float32) * 3 + 2)
+  scale, bias = (jnp.asarray(rs.randn(shape[-1]).astype(np.float32)) for _ in range(2))
+  dot = lambda x, s, b: layers._group_norm_dot(x, s, b, groups, 1e-5)
+  red = lambda x, s, b: layers._group_norm_reduce(x, s, b, groups, 1e-5)
+  _close(dot(x, scale, bias), red(x, scale, bias))
+  # the reference: normalise each sample's group by its own mean and (biased) variance
+  xg = np.asarray(x).reshape(shape[0], -1, groups, shape[-1] // groups)
+  ref = (xg - xg.mean((1, 3), keepdims=True)) / np.sqrt(xg.var((1, 3), keepdims=True) + 1e-5)
+  _close(red(x, scale, bias), ref.reshape(shape) * np.asarray(scale) + np.asarray(bias))
+  loss = lambda f: lambda x, s, b: jnp.sum(jnp.sin(f(x, s, b)))
+  for a, b in zip(jax.grad(loss(dot), (0, 1, 2))(x, scale, bias),
+                  jax.grad(loss(red), (0, 1, 2))(x, scale, bias)):
+    _close(a, b, 1e-4)
+
+
+def test_group_norm_rejects_bad_groups():
+  from imprint_jax.errors import UserError
+  with pytest.raises(UserError, match="groups"):
+    layers.GroupNorm(30, 8, eps=1e-5, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("hw,kernel,padding", [(2, 3, ((1, 1), (1, 1))), (3, 1, ((0, 0), (0, 0))),
+                                               (3, 3, ((0, 1), (0, 1))), (8, 3, ((1, 1), (1, 1)))])
+def test_conv_forms_agree(hw, kernel, padding):
+  """Tiny CPU convolutions run as im2col matmuls; same values and gradients as XLA's."""
+  from flax import nnx
+  rs = np.random.RandomState(2)
+  x = jnp.asarray(rs.randn(2, hw, hw, 16).astype(np.float32))
+  k = jnp.asarray(rs.randn(kernel, kernel, 16, 8).astype(np.float32))
+  dn = jax.lax.conv_dimension_numbers(x.shape, k.shape, ("NHWC", "HWIO", "NHWC"))
+  ours = lambda x, k: layers._conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=dn)
+  ref = lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=dn)
+  _close(ours(x, k), ref(x, k))
+  loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))
+  for a, b in zip(jax.grad(loss(ours), (0, 1))(x, k), jax.grad(loss(ref), (0, 1))(x, k)):
+    _close(a, b)
+  # the model's conv layer goes through it
+  conv = layers.conv(16, 8, kernel, padding=padding, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  uses_im2col = "conv_general_dilated" not in str(jax.make_jaxpr(lambda x: conv(x))(x))
+  assert uses_im2col == (hw * hw <= layers._IM2COL_MAX_PIXELS)
