@@ -104,16 +104,23 @@ def _run_train(args) -> int:
 
 
 def _add_plan(sub) -> None:
-  p = sub.add_parser("plan", help="compile the full-size step on virtual devices and print"
-                     " per-device memory",
-                     description="Compiles the training step of CONFIG for the given mesh on"
-                     " virtual CPU devices with abstract inputs (nothing is allocated) and"
-                     " prints per-device memory: parameters, optimizer state, activations"
-                     " (XLA's temporary buffers for the step), and whether it fits.")
+  p = sub.add_parser("plan", help="compile the full-size step for a mesh (virtual CPU devices"
+                     " or a TPU topology) and print per-device memory",
+                     description="Compiles the training step of CONFIG for the given mesh with"
+                     " abstract inputs (nothing is allocated) and prints per-device memory:"
+                     " parameters, optimizer state, activations (XLA's temporary buffers for"
+                     " the step), and whether it fits. Without --topology the step is compiled"
+                     " for virtual CPU devices (an upper estimate: the CPU compiler schedules"
+                     " for speed, not memory); with --topology it is compiled by the TPU"
+                     " compiler for that slice, from this host, with no TPU attached (needs"
+                     " libtpu: pip install -e '.[tpu]'). Exit status 1 when it does not fit in --hbm-gib.")
   p.add_argument("--config", required=True)
   p.add_argument("--mesh", required=True, help="data=D,fsdp=F,tensor=T")
+  p.add_argument("--topology", default=None, help="TPU slice to compile for, as"
+                 " VERSION:SHAPE, e.g. v5e:4x4 (16 chips), v5p:4x4x4 (64 chips), v4:2x2x2,"
+                 " v6e:8x8; the mesh must use every chip")
   p.add_argument("--hbm-gib", type=float, default=None, help="memory per chip, e.g. 95 (v5p)"
-                 " or 16 (v5e)")
+                 " or 16 (v5e); default with --topology: the chip's HBM")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   p.set_defaults(func=_run_plan)
 
@@ -137,13 +144,27 @@ def _run_plan(args) -> int:
   if any(v < 1 for v in mesh.values()):
     raise UserError("--mesh sizes must be positive for plan")
   n = math.prod(mesh.values())
-  flags = os.environ.get("XLA_FLAGS", "")
-  os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+  if args.topology:
+    import importlib.util
+    if importlib.util.find_spec("libtpu") is None:
+      raise UserError("--topology needs the TPU compiler (libtpu): pip install -e '.[tpu]'")
+    os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU metadata server to ask
+  else:
+    flags = os.environ.get("XLA_FLAGS", "")
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
   os.environ["JAX_PLATFORMS"] = "cpu"
   from imprint_jax.train import plan, run_config
   config = run_config.load(args.config, args.set)
-  plan.print_plan(plan.plan(config, mesh), hbm_gib=args.hbm_gib)
-  return 0
+  devices, hbm_gib = None, args.hbm_gib
+  if args.topology:
+    devices = plan.topology_devices(args.topology)
+    if len(devices) != n:
+      raise UserError(f"--mesh {args.mesh} has {n} devices but topology {args.topology} has"
+                      f" {len(devices)} ({devices[0].device_kind})")
+    if hbm_gib is None:
+      hbm_gib = plan.hbm_gib(devices[0].device_kind)
+  fits = plan.print_plan(plan.plan(config, mesh, devices=devices), hbm_gib=hbm_gib)
+  return 0 if fits else 1
 
 
 def _add_composite(sub) -> None:

@@ -302,3 +302,21 @@ def test_plan_reports_memory(sources, capsys):
   assert p.params_bytes < 0.5 * 4 * p.params_total
   assert plan.print_plan(p, hbm_gib=16)
   assert "fits in 16 GiB" in capsys.readouterr().out
+
+
+def test_plan_cli_exit_status(tmp_path):
+  """`plan` exits 1 when the step does not fit, 2 with one line for bad input."""
+  def run(*args):
+    return subprocess.run([sys.executable, "-m", "imprint_jax.cli", "plan", "--config",
+                           "configs/stage1.py:tiny", *args], cwd=REPO, capture_output=True,
+                          text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  out = run("--mesh", "data=2,fsdp=1,tensor=1", "--hbm-gib", "0.001")
+  assert out.returncode == 1, out.stderr[-2000:]
+  assert out.stdout.strip().splitlines()[-1].split() == ["fits", "in", "0.001", "GiB", "NO"]
+  out = run("--mesh", "data=2,fsdp=x,tensor=1")
+  assert out.returncode == 2 and out.stderr.strip().splitlines()[-1].startswith(
+      "imprint-jax plan: error: --mesh")
+  import importlib.util
+  if importlib.util.find_spec("libtpu") is None:
+    out = run("--mesh", "data=4,fsdp=1,tensor=1", "--topology", "v5e:2x2")
+    assert out.returncode == 2 and "needs the TPU compiler (libtpu)" in out.stderr

@@ -27,6 +27,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from imprint_jax.errors import UserError
+from imprint_jax.models import layers
 from imprint_jax.train import data as train_data
 from imprint_jax.train import setup as setup_lib
 from imprint_jax.train.checkpoints import RunCheckpoints
@@ -140,7 +141,11 @@ def compile_steps(setup: setup_lib.Setup):
   jitted = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sh, repl),
                    out_shardings=(setup.state_shardings, repl), donate_argnums=0)
   t0 = time.time()
-  with jax.set_mesh(setup.mesh):  # activations' sharding constraints refer to this mesh
+  target = setup.mesh.devices.flat[0].platform
+  # The mesh's platform picks the model's attention/GroupNorm forms (it differs from JAX's
+  # default backend when compiling for a TPU topology from a CPU host); activations' sharding
+  # constraints refer to the mesh.
+  with jax.set_mesh(setup.mesh), layers.compiling_for(target):
     compiled = jitted.lower(abstract_state, batch_spec, rng_spec).compile()
   log.info("compiled stage-%d step in %.1f s; %s", setup.stage, time.time() - t0,
            _memory_report(compiled))

@@ -1,10 +1,15 @@
-"""`imprint-jax plan`: per-device memory of a training step, compiled on virtual devices.
+"""`imprint-jax plan`: per-device memory of a training step, compiled ahead of time.
 
 The state is built abstractly (`nnx.eval_shape`), the step lowered with ShapeDtypeStructs and
-compiled by XLA for the requested mesh on virtual CPU devices: nothing is allocated. Parameter
-and optimizer bytes per device follow exactly from the shardings; activations are XLA's
-temporary buffers for the step as the CPU compiler schedules them, an estimate of what a TPU
-needs (the TPU compiler fuses more, so it is usually lower).
+compiled for the requested mesh: nothing is allocated. Parameter and optimizer bytes per
+device follow exactly from the shardings; activations are XLA's temporary buffers for the
+step. Two targets:
+  * virtual CPU devices (default): the CPU compiler's schedule, an upper estimate. It does not
+    schedule for memory (e.g. it may keep every gathered weight and every full-size gradient
+    alive at once), and the model traces its CPU forms of attention and GroupNorm;
+  * a TPU topology (`topology_devices`, e.g. 'v5e:4x4'): the TPU compiler itself, run on this
+    host through libtpu with no TPU attached, tracing the model's TPU forms. This is what the
+    same step needs on that slice.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import jax
 import ml_collections
 from flax import nnx
 
+from imprint_jax.errors import UserError
 from imprint_jax.train import setup as setup_lib
 from imprint_jax.train import sharding
 from imprint_jax.train.loop import compile_steps
@@ -36,6 +42,7 @@ class Plan:
   temp_bytes: int | None     # per device: activations and other temporaries
   flops: float | None        # per device per step, from XLA's cost analysis
   compile_s: float
+  target: str = ""           # what the step was compiled for, e.g. 'TPU v5 lite'
 
   @property
   def total_bytes(self) -> int:
@@ -46,13 +53,32 @@ def _count(tree) -> int:
   return sum(x.size for x in jax.tree.leaves(tree))
 
 
-def plan(config: ml_collections.ConfigDict, mesh: dict[str, int]) -> Plan:
+# HBM per chip in GiB by `device_kind` (what JAX reports for the topology's devices).
+HBM_GIB = {"TPU v4": 32.0, "TPU v5 lite": 16.0, "TPU v5": 95.0, "TPU v6 lite": 32.0}
+
+
+def topology_devices(name: str) -> list:
+  """The devices of TPU slice `name` ('v5e:4x4', 'v5p:4x4x4', ...) for ahead-of-time
+  compilation from a host without TPUs (needs libtpu)."""
+  from jax.experimental import topologies
+  try:
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+  except Exception as e:  # libtpu explains bad names in the first line of its message
+    raise UserError(f"TPU topology {name!r}: {str(e).splitlines()[0]}") from None
+
+
+def hbm_gib(device_kind: str) -> float | None:
+  return HBM_GIB.get(device_kind)
+
+
+def plan(config: ml_collections.ConfigDict, mesh: dict[str, int], devices=None) -> Plan:
+  """Compiles the config's training step for `mesh` on `devices` (default: all of JAX's)."""
   c = copy.deepcopy(config)
   c.mesh = ml_collections.ConfigDict(mesh)
   c.init.checkpoint = ""
   c.init.encoder_from = ""
   c.allow_random_encoder = True
-  s = setup_lib.build(c, total_steps=10_000, steps_per_epoch=1_000)
+  s = setup_lib.build(c, total_steps=10_000, steps_per_epoch=1_000, devices=devices)
   st, sh = s.abstract_state, s.state_shardings
   params_bytes = sharding.bytes_per_device(nnx.merge_state(st.params, st.frozen),
                                            nnx.merge_state(sh.params, sh.frozen))
@@ -79,7 +105,12 @@ def plan(config: ml_collections.ConfigDict, mesh: dict[str, int]) -> Plan:
               params_total=_count(nnx.merge_state(st.params, st.frozen)),
               trainable_total=_count(st.params), params_bytes=params_bytes,
               opt_bytes=opt_bytes, batch_bytes=batch_bytes, temp_bytes=temp, flops=flops,
-              compile_s=compile_s)
+              compile_s=compile_s, target=_target(s.mesh))
+
+
+def _target(mesh) -> str:
+  d = mesh.devices.flat[0]
+  return "virtual CPU devices" if d.platform == "cpu" else d.device_kind
 
 
 def print_plan(p: Plan, hbm_gib: float | None = None) -> bool:
@@ -90,6 +121,7 @@ def print_plan(p: Plan, hbm_gib: float | None = None) -> bool:
     n *= v
   rows = [
       ("mesh", f"{mesh} ({n} devices), global batch {p.global_batch}"),
+      ("compiled for", p.target),
       ("parameters", f"{p.params_total / 1e9:.3f} B ({p.trainable_total / 1e9:.3f} B trained)"),
       ("params / device", f"{p.params_bytes / GIB:8.2f} GiB"),
       ("optimizer / device", f"{p.opt_bytes / GIB:8.2f} GiB"),
