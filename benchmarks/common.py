@@ -80,6 +80,31 @@ def pin_threads(threads: int | None) -> int:
   return n
 
 
+@dataclasses.dataclass(frozen=True)
+class Env:
+  """What both benchmarks set up before measuring: devices, compute dtype, threads."""
+  jax_device: Any
+  torch_device: Any
+  dtype: str
+  threads: int
+
+
+def setup(args) -> Env:
+  """Pins the threads (before JAX starts), picks one JAX and one torch device and the compute
+  dtype, and prints the header. `args` has the `add_common_flags` flags and --torch-device."""
+  started = jax_started()
+  threads = pin_threads(args.threads)
+  import jax
+  jax_device = jax.devices()[0]
+  torch_dev = torch_device(args.torch_device)
+  dtype = args.dtype or ("float32" if jax_device.platform == "cpu" else "bfloat16")
+  print(header(jax_device, torch_dev, threads))
+  if started and args.threads:
+    print("note: JAX was already running; its thread pool keeps its size (affinity still"
+          " limits the cores)")
+  return Env(jax_device=jax_device, torch_device=torch_dev, dtype=dtype, threads=threads)
+
+
 def add_common_flags(p) -> None:
   p.add_argument("--scale", choices=("cpu", "real", "tiny"), default="cpu",
                  help="cpu: SD-1.5 block structure at narrow widths (minutes on 2 cores); "
@@ -544,7 +569,8 @@ def xla_cpu_breakdown(run: Callable[[], Any], compiled, calls: int = 2) -> dict:
     if plane.name != "/host:CPU":
       continue
     for line in plane.lines:
-      if not line.name.startswith("tf_XLAEigen"):  # XLA's worker threads run the thunks
+      # XLA's worker threads run the thunks; with one thread, the client thread runs them
+      if not line.name.startswith(("tf_XLAEigen", "tf_XLAPjRtCpuClient")):
         continue
       for ev in line.events:
         if ev.name.startswith(("ThunkExecutor", "end:")):

@@ -170,20 +170,12 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--profile", action="store_true",
                  help="also split one batch composite's time by network on both sides")
   args = p.parse_args(argv)
-  started = common.jax_started()
-  threads = common.pin_threads(args.threads)
-  import jax
+  env = common.setup(args)
+  jax_device, torch_device, dtype = env.jax_device, env.torch_device, env.dtype
 
   from benchmarks import flops
   from imprint_jax.train import setup as setup_lib
   sc = common.scale(args.scale)
-  jax_device = jax.devices()[0]
-  torch_device = common.torch_device(args.torch_device)
-  dtype = args.dtype or ("float32" if jax_device.platform == "cpu" else "bfloat16")
-  print(common.header(jax_device, torch_device, threads))
-  if started and args.threads:
-    print("note: JAX was already running; its thread pool keeps its size (affinity still"
-          " limits the cores)")
   print(f"scale {sc.name}: E={sc.encoder_size}, G={sc.generator_size}, {args.steps} DDIM steps,"
         f" guidance {GUIDANCE} (UNet batch doubled), dtype {dtype}; {args.warmup} warm-up +"
         f" {args.repeats} timed composites per framework, alternating\n")

@@ -288,19 +288,11 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--profile", action="store_true",
                  help="also split one step's time by network, direction and op kind")
   args = p.parse_args(argv)
-  started = common.jax_started()
-  threads = common.pin_threads(args.threads)
-  import jax
+  env = common.setup(args)
+  jax_device, torch_device, dtype = env.jax_device, env.torch_device, env.dtype
   sc = common.scale(args.scale)
   args.batch = args.batch or sc.batch
-  jax_device = jax.devices()[0]
-  torch_device = common.torch_device(args.torch_device)
-  dtype = args.dtype or ("float32" if jax_device.platform == "cpu" else "bfloat16")
   remat = args.remat
-  print(common.header(jax_device, torch_device, threads))
-  if started and args.threads:
-    print("note: JAX was already running; its thread pool keeps its size (affinity still"
-          " limits the cores)")
   print(f"scale {sc.name}: batch {args.batch}, E={sc.encoder_size}, G={sc.generator_size},"
         f" dtype {dtype}, our remat {remat}; {args.warmup} warm-up + {args.repeats} timed"
         f" steps per framework, alternating\n")
