@@ -113,14 +113,15 @@ def _add_plan(sub) -> None:
                      " for virtual CPU devices (an upper estimate: the CPU compiler schedules"
                      " for speed, not memory); with --topology it is compiled by the TPU"
                      " compiler for that slice, from this host, with no TPU attached (needs"
-                     " libtpu: pip install -e '.[tpu]'). Exit status 1 when it does not fit in --hbm-gib.")
+                     " libtpu: pip install -e '.[tpu]'). Exit status 1 when it does not fit in"
+                     " --hbm-gib.")
   p.add_argument("--config", required=True)
   p.add_argument("--mesh", required=True, help="data=D,fsdp=F,tensor=T")
   p.add_argument("--topology", default=None, help="TPU slice to compile for, as"
-                 " VERSION:SHAPE, e.g. v5e:4x4 (16 chips), v5p:4x4x4 (64 chips), v4:2x2x2,"
-                 " v6e:8x8; the mesh must use every chip")
+                 " VERSION:SHAPE, e.g. v5e:4x4 (16 chips), v5p:4x4x4 (64 chips), v6e:8x8;"
+                 " the mesh must use every device of the slice")
   p.add_argument("--hbm-gib", type=float, default=None, help="memory per chip, e.g. 95 (v5p)"
-                 " or 16 (v5e); default with --topology: the chip's HBM")
+                 " or 16 (v5e); default with --topology: the HBM of a v5e/v5p/v6e chip")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
   p.set_defaults(func=_run_plan)
 

@@ -6,7 +6,7 @@ device follow exactly from the shardings; activations are XLA's temporary buffer
 step. Two targets:
   * virtual CPU devices (default): the CPU compiler's schedule, an upper estimate. It does not
     schedule for memory (e.g. it may keep every gathered weight and every full-size gradient
-    alive at once), and the model traces its CPU forms of attention and GroupNorm;
+    alive at once), and the model traces its CPU forms of attention, GroupNorm and convs;
   * a TPU topology (`topology_devices`, e.g. 'v5e:4x4'): the TPU compiler itself, run on this
     host through libtpu with no TPU attached, tracing the model's TPU forms. This is what the
     same step needs on that slice.
@@ -53,8 +53,10 @@ def _count(tree) -> int:
   return sum(x.size for x in jax.tree.leaves(tree))
 
 
-# HBM per chip in GiB by `device_kind` (what JAX reports for the topology's devices).
-HBM_GIB = {"TPU v4": 32.0, "TPU v5 lite": 16.0, "TPU v5": 95.0, "TPU v6 lite": 32.0}
+# HBM per device in GiB by `device_kind`, for slices whose devices are whole chips (v5e and
+# v6e have one TensorCore per chip, v5p's two act as one megacore device). Others (v4's
+# topology descriptions list each core) need --hbm-gib.
+HBM_GIB = {"TPU v5 lite": 16.0, "TPU v5": 95.0, "TPU v6 lite": 32.0}
 
 
 def topology_devices(name: str) -> list:
