@@ -310,10 +310,7 @@ def _attention_splash(q_BLHD: jax.Array, k_BSHD: jax.Array, v_BSHD: jax.Array, *
   b, l, h, d = q_BLHD.shape
   s = k_BSHD.shape[1]
   mesh = jax.sharding.get_abstract_mesh()
-  batch_axes = tuple(a for a in BATCH_AXES if not mesh.empty and a in mesh.axis_names
-                     and mesh.shape[a] > 1)
-  if batch_axes and b % math.prod(mesh.shape[a] for a in batch_axes):
-    batch_axes = ()
+  batch_axes = _batch_axes(mesh, b)
   head_axis = ("tensor" if not mesh.empty and "tensor" in mesh.axis_names
                and mesh.shape["tensor"] > 1 and h % mesh.shape["tensor"] == 0 else None)
   local_heads = h // (mesh.shape[head_axis] if head_axis else 1)
@@ -332,9 +329,7 @@ def _attention_splash(q_BLHD: jax.Array, k_BSHD: jax.Array, v_BSHD: jax.Array, *
 
   if not batch_axes and head_axis is None:
     return local(q_BLHD, k_BSHD, v_BSHD)
-  spec = jax.sharding.PartitionSpec(
-      (batch_axes if len(batch_axes) > 1 else batch_axes[0]) if batch_axes else None,
-      None, head_axis, None)
+  spec = jax.sharding.PartitionSpec(_axes_entry(batch_axes), None, head_axis, None)
   return jax.shard_map(local, in_specs=(spec, spec, spec), out_specs=spec,
                        check_vma=False)(q_BLHD, k_BSHD, v_BSHD)
 
@@ -370,14 +365,26 @@ def shard_batch(x: jax.Array) -> jax.Array:
   backward pass: without it, XLA (0.10.2, CPU) computed wrong UNet gradients on a
   data=2 x fsdp=2 x tensor=2 mesh (tests/test_train.py checks the sharded step).
   """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not hasattr(x, "shape") or x.ndim == 0:
+  if not hasattr(x, "shape") or x.ndim == 0:
     return x
+  axes = _batch_axes(jax.sharding.get_abstract_mesh(), x.shape[0])
+  if not axes:
+    return x
+  return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(_axes_entry(axes)))
+
+
+def _batch_axes(mesh, batch: int) -> tuple[str, ...]:
+  """The batch axes of `mesh` (size > 1) that split a batch of `batch`; () when there is no
+  mesh, none of them is split, or the batch does not divide."""
+  if mesh.empty:
+    return ()
   axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-  if not axes or x.shape[0] % math.prod(mesh.shape[a] for a in axes):
-    return x
-  spec = jax.sharding.PartitionSpec(axes if len(axes) > 1 else axes[0])
-  return jax.lax.with_sharding_constraint(x, spec)
+  return axes if axes and batch % math.prod(mesh.shape[a] for a in axes) == 0 else ()
+
+
+def _axes_entry(axes: tuple[str, ...]):
+  """One PartitionSpec entry for mesh axes: None, a name, or a tuple of names."""
+  return None if not axes else axes[0] if len(axes) == 1 else axes
 
 
 REMAT_POLICIES: dict[str, Any] = {
