@@ -49,12 +49,16 @@ PEAK_BF16_TFLOPS = (
 # ------------------------------------------------------------------------------ process set-up
 
 def single_jax_device() -> None:
-  """Makes JAX see one CPU device (call before importing JAX; no effect afterwards)."""
+  """Makes JAX see one CPU device and allocate accelerator memory on demand (call before
+  importing JAX; no effect afterwards)."""
   if "jax" in sys.modules:
     return
   flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
                  os.environ.get("XLA_FLAGS", ""))
   os.environ["XLA_FLAGS"] = (flags + " --xla_force_host_platform_device_count=1").strip()
+  # Both frameworks share one accelerator in one process: JAX must not take 75% of its memory
+  # up front (the peaks reported are each allocator's own).
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def jax_started() -> bool:
@@ -117,6 +121,9 @@ def add_common_flags(p) -> None:
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                  help="compute dtype (default: float32 on CPU, bfloat16 on accelerators)")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--gpu-attention", choices=("cudnn", "xla"), default="cudnn",
+                 help="our attention on GPUs: cuDNN flash attention where it takes the shapes"
+                      " (default), or XLA's fused path everywhere")
 
 
 # ------------------------------------------------------------------------------ model scales
@@ -425,7 +432,10 @@ def torch_sync(device) -> None:
 
 def torch_models(model_cfg, device):
   """The PyTorch reference networks of an ImprintConfig: (dinov2, adapter, unet, vae), float32
-  parameters on `device`, random weights (speed does not depend on them)."""
+  parameters on `device`, random weights (speed does not depend on them). Built under
+  `torch.device(device)`, so the random init runs there (seconds, not minutes, for ViT-g on
+  a GPU)."""
+  import torch
   from diffusers import AutoencoderKL, UNet2DConditionModel
   from transformers import AutoConfig, AutoModel
 
@@ -433,13 +443,14 @@ def torch_models(model_cfg, device):
   hf = dict(model_cfg.dinov2.to_hf())
   hf.pop("architectures", None)
   model_type = hf.pop("model_type")
-  dino = AutoModel.from_config(AutoConfig.for_model(model_type, **hf))
   a = model_cfg.adapter
-  adapter = ContentAdapterTorch(in_dim=a.in_dim, width=a.width, depth=a.depth,
-                                num_heads=a.num_heads, mlp_ratio=a.mlp_ratio, out_dim=a.out_dim,
-                                layer_norm_eps=a.layer_norm_eps)
-  unet = UNet2DConditionModel.from_config(model_cfg.unet.to_diffusers())
-  vae = AutoencoderKL.from_config(model_cfg.vae.to_diffusers())
+  with torch.device(device):
+    dino = AutoModel.from_config(AutoConfig.for_model(model_type, **hf))
+    adapter = ContentAdapterTorch(in_dim=a.in_dim, width=a.width, depth=a.depth,
+                                  num_heads=a.num_heads, mlp_ratio=a.mlp_ratio,
+                                  out_dim=a.out_dim, layer_norm_eps=a.layer_norm_eps)
+    unet = UNet2DConditionModel.from_config(model_cfg.unet.to_diffusers())
+    vae = AutoencoderKL.from_config(model_cfg.vae.to_diffusers())
   return tuple(m.to(device) for m in (dino, adapter, unet, vae))
 
 

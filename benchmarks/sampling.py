@@ -174,6 +174,7 @@ def main(argv=None) -> list[dict]:
   jax_device, torch_device, dtype = env.jax_device, env.torch_device, env.dtype
 
   from benchmarks import flops
+  from imprint_jax.models import layers
   from imprint_jax.train import setup as setup_lib
   sc = common.scale(args.scale)
   print(f"scale {sc.name}: E={sc.encoder_size}, G={sc.generator_size}, {args.steps} DDIM steps,"
@@ -186,22 +187,23 @@ def main(argv=None) -> list[dict]:
     model, nets = build_models(model_cfg, dtype, torch_device, Path(tmp))
     print(f"built both models (same weights) in {time.perf_counter() - t:.0f} s", flush=True)
   results = []
-  for batch in sorted({1, args.batch}):
-    inputs = inputs_for(batch, sc, args.seed)
-    ours = JaxSampler(model, inputs, args.steps, jax_device)
-    theirs = TorchSampler(nets, model_cfg, inputs, args.steps, torch_device, dtype)
-    print(f"batch {batch}: JAX sampler compiled in {ours.compile_s:.0f} s", flush=True)
-    times = common.alternate({"jax": ours, "torch": theirs}, warmup=args.warmup,
-                             repeats=args.repeats)
-    mem = {"jax": common.jax_peak_bytes(jax_device) or ours.planned_bytes}
-    mem["torch"] = common.torch_peak_bytes(theirs, torch_device,
-                                           [*theirs.modules, theirs.obj, theirs.bg, theirs.mask])
-    f = flops.composite(model_cfg, batch, sc.encoder_size, sc.generator_size, args.steps)
-    results.append({"batch": batch, "times": times, "mem": mem, "flops": f})
-    del ours
-    if args.profile and batch == args.batch:
-      results[-1]["profile"] = profile(model, theirs, inputs, args.steps, jax_device,
-                                       torch_device)
+  with layers.gpu_attention(args.gpu_attention):
+    for batch in sorted({1, args.batch}):
+      inputs = inputs_for(batch, sc, args.seed)
+      ours = JaxSampler(model, inputs, args.steps, jax_device)
+      theirs = TorchSampler(nets, model_cfg, inputs, args.steps, torch_device, dtype)
+      print(f"batch {batch}: JAX sampler compiled in {ours.compile_s:.0f} s", flush=True)
+      times = common.alternate({"jax": ours, "torch": theirs}, warmup=args.warmup,
+                               repeats=args.repeats)
+      mem = {"jax": common.jax_peak_bytes(jax_device) or ours.planned_bytes}
+      mem["torch"] = common.torch_peak_bytes(
+          theirs, torch_device, [*theirs.modules, theirs.obj, theirs.bg, theirs.mask])
+      f = flops.composite(model_cfg, batch, sc.encoder_size, sc.generator_size, args.steps)
+      results.append({"batch": batch, "times": times, "mem": mem, "flops": f})
+      del ours
+      if args.profile and batch == args.batch:
+        results[-1]["profile"] = profile(model, theirs, inputs, args.steps, jax_device,
+                                         torch_device)
   print(report(results, common.peak_tflops(jax_device.device_kind)))
   for r in results:
     if "profile" in r:

@@ -290,14 +290,16 @@ def main(argv=None) -> list[dict]:
   args = p.parse_args(argv)
   env = common.setup(args)
   jax_device, torch_device, dtype = env.jax_device, env.torch_device, env.dtype
+  from imprint_jax.models import layers
   sc = common.scale(args.scale)
   args.batch = args.batch or sc.batch
   remat = args.remat
   print(f"scale {sc.name}: batch {args.batch}, E={sc.encoder_size}, G={sc.generator_size},"
         f" dtype {dtype}, our remat {remat}; {args.warmup} warm-up + {args.repeats} timed"
         f" steps per framework, alternating\n")
-  results = [measure(s, args, sc, jax_device, torch_device, dtype, remat)
-             for s in (args.stage or [1, 2])]
+  with layers.gpu_attention(args.gpu_attention):
+    results = [measure(s, args, sc, jax_device, torch_device, dtype, remat)
+               for s in (args.stage or [1, 2])]
   peak = common.peak_tflops(jax_device.device_kind)
   print(report(results, args.batch, peak))
   for r in results:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from imprint_jax.errors import UserError
 from imprint_jax.models import layers
 
 
@@ -110,3 +111,50 @@ def test_conv_forms_agree(hw, kernel, padding):
   conv = layers.conv(16, 8, kernel, padding=padding, dtype=jnp.float32, rngs=nnx.Rngs(0))
   uses_im2col = "conv_general_dilated" not in str(jax.make_jaxpr(lambda x: conv(x))(x))
   assert uses_im2col == (hw * hw <= layers._IM2COL_MAX_PIXELS)
+
+
+def test_cudnn_supported_follows_cudnn_limits():
+  q = lambda d, dtype=jnp.bfloat16: jnp.zeros((1, 4, 2, d), dtype)
+  assert layers.cudnn_supported(q(40), q(40))          # SD 1.5's first-level heads
+  assert layers.cudnn_supported(q(64, jnp.float16), q(64, jnp.float16))
+  assert not layers.cudnn_supported(q(64, jnp.float32), q(64, jnp.float32))  # f32: XLA
+  assert not layers.cudnn_supported(q(36), q(36))      # not a multiple of 8
+  assert not layers.cudnn_supported(q(64), q(32))      # q/v head dims differ
+  assert not layers.cudnn_supported(q(1024), q(1024))  # one-head adapter: too wide
+  # 160 (SD 1.5's deeper heads) needs Hopper: no GPU here, so the pre-Hopper limit of 128.
+  assert layers.cudnn_supported(q(160), q(160)) == (layers._gpu_compute_capability() >= (9, 0))
+
+
+def test_gpu_attention_forms_trace_on_cpu():
+  """Traced for GPU from this CPU host, float32 attention takes XLA's path (cuDNN would need a
+  GPU to trace); `gpu_attention` rejects unknown names with a UserError."""
+  q, k, v = _qkv(b=2, l=16, s=24, h=4, d=8, seed=3)
+  with layers.compiling_for("gpu"), layers.gpu_attention("xla"):
+    out = jax.jit(lambda q, k, v: layers.attention(q, k, v))(q, k, v)
+  _close(out, jax.nn.dot_product_attention(q, k, v))
+  with pytest.raises(UserError, match="unknown GPU attention"):
+    with layers.gpu_attention("flash"):
+      pass
+
+
+def test_gpu_attention_asks_cudnn_then_falls_back(monkeypatch):
+  """On GPU, bf16 attention asks JAX for cuDNN; when JAX refuses the shapes at trace time
+  (NotImplementedError, e.g. the UNet's 4096 x 261 cross-attention in jax 0.11.2) it takes
+  XLA's path. JAX's cuDNN call needs a GPU, so it is replaced by one that refuses."""
+  real = jax.nn.dot_product_attention
+  calls = []
+
+  def refusing(q, k, v, *, implementation=None):
+    calls.append(implementation)
+    if implementation == "cudnn":
+      raise NotImplementedError("Unsupported sequence length")
+    return real(q, k, v)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", refusing)
+  q, k, v = (t.astype(jnp.bfloat16) for t in _qkv(b=1, l=16, s=12, h=2, d=8, seed=4))
+  with layers.compiling_for("gpu"):
+    out = layers.attention(q, k, v)
+    with layers.gpu_attention("xla"):
+      layers.attention(q, k, v)
+  assert calls == ["cudnn", None, None]
+  _close(out.astype(jnp.float32), real(q, k, v).astype(jnp.float32), tol=1e-2)

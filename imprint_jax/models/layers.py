@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -270,7 +271,9 @@ def attention(q_BLHD: jax.Array, k_BSHD: jax.Array, v_BSHD: jax.Array, *,
   * TPU: splash attention (`_attention_splash`, a Pallas flash-attention kernel that never
     materialises the (L, S) scores) when both sequence lengths are multiples of 128 - the
     UNet's self-attention at 64x64, 32x32 and 16x16 latents - else XLA's fused path;
-  * GPU: `jax.nn.dot_product_attention`, which picks cuDNN flash attention for bf16/fp16;
+  * GPU: cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`)
+    where cuDNN takes the shapes (`cudnn_supported`), else XLA's fused path (JAX's default
+    for `implementation=None` is XLA, never cuDNN); `gpu_attention("xla")` turns cuDNN off;
   * CPU: `_attention_cpu`, the layout XLA's CPU backend runs fastest.
 
   `upcast` computes in float32 (SD 2.x's `upcast_attention`), returning the input dtype.
@@ -283,9 +286,54 @@ def attention(q_BLHD: jax.Array, k_BSHD: jax.Array, v_BSHD: jax.Array, *,
     out = _attention_cpu(q_BLHD, k_BSHD, v_BSHD)
   elif where == "tpu" and splash_supported(q_BLHD.shape[1], k_BSHD.shape[1]):
     out = _attention_splash(q_BLHD, k_BSHD, v_BSHD)
+  elif where == "gpu" and _GPU_ATTENTION.get() == "cudnn" and cudnn_supported(
+      q_BLHD, v_BSHD):
+    try:
+      out = jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, implementation="cudnn")
+    except NotImplementedError:  # JAX's further checks at trace time (vary by version)
+      out = jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD)
   else:
     out = jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD)
   return out.astype(dtype)
+
+
+_GPU_ATTENTION: contextvars.ContextVar[str] = contextvars.ContextVar("gpu_attention",
+                                                                    default="cudnn")
+
+
+@contextlib.contextmanager
+def gpu_attention(implementation: str) -> Iterator[None]:
+  """Traces GPU attention with `implementation`: 'cudnn' (the default: cuDNN flash attention
+  where `cudnn_supported`) or 'xla' (XLA's fused path everywhere; for comparisons)."""
+  if implementation not in ("cudnn", "xla"):
+    raise UserError(f"unknown GPU attention {implementation!r}: expected 'cudnn' or 'xla'")
+  token = _GPU_ATTENTION.set(implementation)
+  try:
+    yield
+  finally:
+    _GPU_ATTENTION.reset(token)
+
+
+def cudnn_supported(q_BLHD: jax.Array, v_BSHD: jax.Array) -> bool:
+  """Whether cuDNN's flash attention takes these inputs (the conditions JAX checks before
+  calling it, jax/_src/cudnn/fused_attention_stablehlo.py): bf16/fp16, equal q/v head dims,
+  a multiple of 8 and at most 128 (256 on Hopper and later). SD 1.5's UNet heads (40, 80,
+  160) and DINOv2's (64) qualify on an H100; the one-head adapter and VAE attention do not
+  and take XLA's path."""
+  d = q_BLHD.shape[-1]
+  if q_BLHD.dtype not in (jnp.bfloat16, jnp.float16) or v_BSHD.shape[-1] != d or d % 8:
+    return False
+  return d <= (256 if _gpu_compute_capability() >= (9, 0) else 128)
+
+
+@functools.cache
+def _gpu_compute_capability() -> tuple[int, ...]:
+  """The first GPU's compute capability; (0,) when there is none (tracing for GPU from a
+  CPU host)."""
+  try:
+    return tuple(int(x) for x in jax.devices("gpu")[0].compute_capability.split("."))
+  except (RuntimeError, AttributeError, ValueError):
+    return (0,)
 
 
 _SPLASH_LANES = 128  # the kernel's block sizes are multiples of the TPU's 128 lanes

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The real-scale training-step benchmarks on one GPU (docs/performance.md, "GPU / TPU scale"):
+#
+#   bash benchmarks/gpu.sh [LOG_DIR]
+#
+# stage 2 at batch 8, stage 1 at batch 8, then stage 2's JAX step alone with XLA attention
+# everywhere (against the first run's cuDNN attention). Each runs in its own process, so each
+# framework's allocator starts empty; about 3.5 minutes each on an H200, most of it building
+# the JAX state and compiling the step. Stops at the first failure.
+#
+# The GPU machine's python3 must hold jax with CUDA, flax, optax, orbax and torch; packages it
+# lacks (diffusers, ml_collections) can travel as wheels in .whl/, which are installed into
+# /tmp/site and put first on PYTHONPATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+log_dir=${1:-/tmp/imprint_gpu_bench}
+mkdir -p "$log_dir"
+if compgen -G ".whl/*.whl" > /dev/null; then
+  rm -rf /tmp/site
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+bench() {  # NAME ARGS...: one benchmark process, its output also in LOG_DIR/NAME.log
+  local name=$1; shift
+  echo "=== $name: benchmarks/train_step.py --scale real $*"
+  python3 benchmarks/train_step.py --scale real "$@" 2>&1 | tee "$log_dir/$name.log"
+}
+bench stage2 --stage 2 --batch 8 --repeats 4
+bench stage1 --stage 1 --batch 8 --repeats 4
+bench stage2_xla_attention --stage 2 --batch 8 --repeats 4 --gpu-attention xla --only jax
