@@ -38,6 +38,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.train = ml_collections.ConfigDict()
   c.train.global_batch = 256
+  c.train.microbatches = 1      # gradient accumulation: activations of global_batch / this
   c.train.epochs = 1
   c.train.num_steps = -1        # -1: epochs x (pairs in the train split // global_batch)
   c.train.prediction_type = "epsilon"

@@ -137,7 +137,7 @@ def compile_steps(setup: setup_lib.Setup):
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       setup.abstract_state, setup.state_shardings)
   rng_spec = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl)
-  step_fn = make_train_step(setup.stage, setup.graphdef, setup.tx, setup.loss_cfg)
+  step_fn = make_train_step(setup.stage, setup.graphdef, setup.tx, setup.step_cfg)
   jitted = jax.jit(step_fn, in_shardings=(setup.state_shardings, batch_sh, repl),
                    out_shardings=(setup.state_shardings, repl), donate_argnums=0)
   t0 = time.time()
@@ -149,7 +149,7 @@ def compile_steps(setup: setup_lib.Setup):
     compiled = jitted.lower(abstract_state, batch_spec, rng_spec).compile()
   log.info("compiled stage-%d step in %.1f s; %s", setup.stage, time.time() - t0,
            _memory_report(compiled))
-  eval_jit = jax.jit(make_eval_step(setup.stage, setup.graphdef, setup.loss_cfg),
+  eval_jit = jax.jit(make_eval_step(setup.stage, setup.graphdef, setup.step_cfg),
                      in_shardings=(setup.state_shardings, batch_sh, repl), out_shardings=repl)
 
   def eval_fn(state, batch, rng):

@@ -27,7 +27,7 @@ from imprint_jax.models.imprint import Imprint, ImprintConfig
 from imprint_jax.models.unet import UNetConfig, widen_conv_in
 from imprint_jax.models.vae import VAEConfig
 from imprint_jax.train import optim, sharding
-from imprint_jax.train.steps import LossConfig, TrainState
+from imprint_jax.train.steps import StepConfig, TrainState
 
 # What the step needs from a batch (the pipeline also yields ids kept on the host).
 MODEL_KEYS = {1: ("object", "target"), 2: ("object", "target", "mask", "masked_target")}
@@ -75,14 +75,22 @@ def model_config(c: ml_collections.ConfigDict) -> ImprintConfig:
   return cfg.with_dtype(c.dtype, layers.remat_policy_check(c.remat))
 
 
-def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
+def step_config(c: ml_collections.ConfigDict, mesh: Mesh) -> StepConfig:
   if c.train.prediction_type not in ("epsilon", "v_prediction"):
     raise UserError(f"train.prediction_type {c.train.prediction_type!r}: expected epsilon or"
                     " v_prediction")
   if not 0 <= c.train.embed_dropout < 1:
     raise UserError(f"train.embed_dropout {c.train.embed_dropout} must be in [0, 1)")
-  return LossConfig(embed_dropout=float(c.train.embed_dropout),
-                    prediction_type=c.train.prediction_type)
+  m = c.train.get("microbatches", 1)
+  if not isinstance(m, int) or m < 1:
+    raise UserError(f"train.microbatches {m!r}: expected a positive integer")
+  n = mesh.shape["data"] * mesh.shape["fsdp"]
+  if c.train.global_batch % (m * n):
+    raise UserError(f"global batch {c.train.global_batch} does not split into"
+                    f" train.microbatches={m} microbatches over data x fsdp = {n} devices"
+                    f" (it must be divisible by {m * n})")
+  return StepConfig(embed_dropout=float(c.train.embed_dropout),
+                    prediction_type=c.train.prediction_type, microbatches=m)
 
 
 def phase_boundaries(c: ml_collections.ConfigDict, steps_per_epoch: int) -> list[int]:
@@ -105,7 +113,7 @@ class Setup:
   graphdef: Any
   abstract_state: TrainState
   state_shardings: Any
-  loss_cfg: LossConfig
+  step_cfg: StepConfig
   total_steps: int
   boundaries: list[int]
 
@@ -141,7 +149,7 @@ def build(c: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: in
   sharding.check_batch(c.train.global_batch, mesh)
   rules = sharding.check_rules(c.logical_axis_rules)
   model_cfg = model_config(c)
-  loss_cfg = loss_config(c)
+  step_cfg = step_config(c, mesh)
   boundaries = phase_boundaries(c, steps_per_epoch)
   for name, s in schedules.items():
     if s is not None:
@@ -158,7 +166,7 @@ def build(c: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: in
   state_shardings = sharding.tree_shardings(abstract_state, mesh, rules)
   return Setup(config=c, model_cfg=model_cfg, mesh=mesh, rules=rules, schedules=schedules,
                tx=tx, graphdef=graphdef, abstract_state=abstract_state,
-               state_shardings=state_shardings, loss_cfg=loss_cfg, total_steps=total_steps,
+               state_shardings=state_shardings, step_cfg=step_cfg, total_steps=total_steps,
                boundaries=boundaries)
 
 

@@ -6,8 +6,10 @@ the UNet:
   stage 2: the object -> tokens; the UNet sees [noisy target latent, masked-background latent,
            coarse mask] and denoises the target with its background.
 
-The step key is `fold_in(rng, step)`, so a run is reproducible and independent of how the batch
-is sharded or how many processes feed it.
+The step key is `fold_in(rng, step)`, split into one key per sample; every random draw of a
+sample (its VAE latent noise, embedding dropout, timestep and diffusion noise) comes from its own
+key. So a run is reproducible and independent of how the batch is sharded, how many processes
+feed it, and how many microbatches its gradient is accumulated over (`StepConfig.microbatches`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import optax
 from flax import nnx
 
 from imprint_jax import diffusion
+from imprint_jax.models import layers
 from imprint_jax.models.imprint import Imprint, mask_to_latent, vae_factor
 from imprint_jax.train.optim import applied_learning_rates
 
@@ -36,77 +39,118 @@ class TrainState:
 
 
 @dataclasses.dataclass(frozen=True)
-class LossConfig:
+class StepConfig:
+  """The loss settings, and over how many equal microbatches one step accumulates its gradient
+  (one optimizer update per step either way; activations are those of one microbatch)."""
   embed_dropout: float
   prediction_type: str = "epsilon"
   num_train_timesteps: int = 1000
+  microbatches: int = 1
 
 
-def _encode_latents(model: Imprint, x_BHWC: jax.Array, rng: jax.Array) -> jax.Array:
+def _split_keys(keys_B: jax.Array, n: int) -> list[jax.Array]:
+  """(B,) per-sample keys -> n independent (B,) per-sample keys."""
+  ks = jax.vmap(lambda k: jax.random.split(k, n))(keys_B)
+  return [ks[:, i] for i in range(n)]
+
+
+def _per_sample_noise(keys_B: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+  """N(0, 1) of shape (B, *shape), sample b drawn from keys_B[b]."""
+  return jax.vmap(lambda k: diffusion.gaussian_noise(k, shape, dtype))(keys_B)
+
+
+def _encode_latents(model: Imprint, x_BHWC: jax.Array, keys_B: jax.Array) -> jax.Array:
   """Frozen VAE: image in [-1, 1] -> scaled latent sample (no gradient)."""
   mean, logvar = model.vae.encode(x_BHWC)
-  z = mean + jnp.exp(0.5 * logvar) * diffusion.gaussian_noise(rng, mean.shape, mean.dtype)
+  z = mean + jnp.exp(0.5 * logvar) * _per_sample_noise(keys_B, mean.shape[1:], mean.dtype)
   return jax.lax.stop_gradient(z * model.cfg.vae.scaling_factor)
 
 
-def _context(model: Imprint, obj_BHWC: jax.Array, rng: jax.Array, p_drop: float) -> jax.Array:
+def _context(model: Imprint, obj_BHWC: jax.Array, keys_B: jax.Array, p_drop: float
+             ) -> jax.Array:
   """Object tokens, each sample replaced by the learned null context with probability p_drop
   (classifier-free guidance)."""
   ctx = model.encode_object(obj_BHWC)
   if p_drop <= 0:
     return ctx
-  drop_B = jax.random.bernoulli(rng, p_drop, (ctx.shape[0],))
+  drop_B = jax.vmap(lambda k: jax.random.bernoulli(k, p_drop))(keys_B)
   null = model.adapter.null(ctx.shape[0], ctx.shape[1]).astype(ctx.dtype)
   return jnp.where(drop_B[:, None, None], null, ctx)
 
 
-def _denoising_loss(model: Imprint, z0: jax.Array, ctx: jax.Array, cond: Callable, rng: jax.Array,
-                    cfg: LossConfig) -> jax.Array:
+def _denoising_loss(model: Imprint, z0: jax.Array, ctx: jax.Array, cond: Callable,
+                    keys_B: jax.Array, cfg: StepConfig) -> jax.Array:
   """E_t,eps || f(cond(x_t), t, ctx) - target ||^2 in float32, t uniform over training steps."""
   schedule = diffusion.sd_schedule(num_train_timesteps=cfg.num_train_timesteps)
-  t_rng, n_rng = jax.random.split(rng)
-  t_B = jax.random.randint(t_rng, (z0.shape[0],), 0, cfg.num_train_timesteps)
-  noise = diffusion.gaussian_noise(n_rng, z0.shape, jnp.float32)
+  t_keys, n_keys = _split_keys(keys_B, 2)
+  t_B = jax.vmap(lambda k: jax.random.randint(k, (), 0, cfg.num_train_timesteps))(t_keys)
+  noise = _per_sample_noise(n_keys, z0.shape[1:], jnp.float32)
   x_t = diffusion.add_noise(schedule, z0, noise, t_B)
   target = diffusion.training_target(schedule, z0, noise, t_B, cfg.prediction_type)
   pred = model.unet(cond(x_t), t_B, ctx)
   return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
 
 
-def stage1_loss(model: Imprint, batch: dict[str, jax.Array], rng: jax.Array,
-                cfg: LossConfig) -> jax.Array:
-  """batch: object (B, E, E, 3) normalised, target (B, G, G, 3) in [-1, 1], background removed."""
-  vae_rng, drop_rng, diff_rng = jax.random.split(rng, 3)
-  z0 = _encode_latents(model, batch["target"], vae_rng)
-  ctx = _context(model, batch["object"], drop_rng, cfg.embed_dropout)
-  return _denoising_loss(model, z0, ctx, lambda x_t: x_t, diff_rng, cfg)
+def stage1_loss(model: Imprint, batch: dict[str, jax.Array], keys_B: jax.Array,
+                cfg: StepConfig) -> jax.Array:
+  """batch: object (B, E, E, 3) normalised, target (B, G, G, 3) in [-1, 1], background removed.
+  keys_B: one PRNG key per sample."""
+  vae_keys, drop_keys, diff_keys = _split_keys(keys_B, 3)
+  z0 = _encode_latents(model, batch["target"], vae_keys)
+  ctx = _context(model, batch["object"], drop_keys, cfg.embed_dropout)
+  return _denoising_loss(model, z0, ctx, lambda x_t: x_t, diff_keys, cfg)
 
 
-def stage2_loss(model: Imprint, batch: dict[str, jax.Array], rng: jax.Array,
-                cfg: LossConfig) -> jax.Array:
-  """batch: object, target, mask (B, G, G, 1) in {0, 1}, masked_target (B, G, G, 3)."""
-  vae_rng, bg_rng, drop_rng, diff_rng = jax.random.split(rng, 4)
-  z0 = _encode_latents(model, batch["target"], vae_rng)
-  z_bg = _encode_latents(model, batch["masked_target"], bg_rng)
+def stage2_loss(model: Imprint, batch: dict[str, jax.Array], keys_B: jax.Array,
+                cfg: StepConfig) -> jax.Array:
+  """batch: object, target, mask (B, G, G, 1) in {0, 1}, masked_target (B, G, G, 3).
+  keys_B: one PRNG key per sample."""
+  vae_keys, bg_keys, drop_keys, diff_keys = _split_keys(keys_B, 4)
+  z0 = _encode_latents(model, batch["target"], vae_keys)
+  z_bg = _encode_latents(model, batch["masked_target"], bg_keys)
   m_lat = mask_to_latent(batch["mask"], vae_factor(model.cfg.vae))
-  ctx = _context(model, batch["object"], drop_rng, cfg.embed_dropout)
+  ctx = _context(model, batch["object"], drop_keys, cfg.embed_dropout)
   return _denoising_loss(model, z0, ctx, lambda x_t: model.unet_input(x_t, z_bg, m_lat),
-                         diff_rng, cfg)
+                         diff_keys, cfg)
 
 
 LOSSES = {1: stage1_loss, 2: stage2_loss}
 
 
+def _batch_size(batch: dict[str, jax.Array]) -> int:
+  return next(iter(batch.values())).shape[0]
+
+
+def _microbatches(tree: Any, m: int) -> Any:
+  """(B, ...) leaves -> (m, B // m, ...): microbatch i holds samples i, i + m, i + 2m, ... so
+  every device's contiguous block of the batch holds its share of every microbatch (no data
+  moves between devices)."""
+  return jax.tree.map(
+      lambda x: jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1), tree)
+
+
 def _make_step(loss_fn: Callable, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               cfg: LossConfig) -> Callable:
+               cfg: StepConfig) -> Callable:
+  m = cfg.microbatches
 
   def step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
     rng = jax.random.fold_in(rng, state.step)
+    keys_B = jax.random.split(rng, _batch_size(batch))
 
-    def loss_of(params):
-      return loss_fn(nnx.merge(graphdef, params, state.frozen), batch, rng, cfg)
+    def loss_of(params, batch, keys_B):
+      return loss_fn(nnx.merge(graphdef, params, state.frozen), batch, keys_B, cfg)
 
-    loss, grads = jax.value_and_grad(loss_of)(state.params)
+    grad_fn = jax.value_and_grad(loss_of)
+    if m == 1:
+      loss, grads = grad_fn(state.params, batch, keys_B)
+    else:
+      def accumulate(acc, micro):
+        micro = jax.tree.map(layers.shard_batch, micro)
+        return jax.tree.map(jnp.add, acc, grad_fn(state.params, *micro)), None
+
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+      (loss, grads), _ = jax.lax.scan(accumulate, zeros, _microbatches((batch, keys_B), m))
+      loss, grads = jax.tree.map(lambda x: x / m, (loss, grads))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
@@ -117,18 +161,18 @@ def _make_step(loss_fn: Callable, graphdef: nnx.GraphDef, tx: optax.GradientTran
 
 
 def make_train_step(stage: int, graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-                    cfg: LossConfig) -> Callable:
+                    cfg: StepConfig) -> Callable:
   """The (un-jitted) step of `stage`; the trainer jits it with shardings and donation."""
   return _make_step(LOSSES[stage], graphdef, tx, cfg)
 
 
-def make_eval_step(stage: int, graphdef: nnx.GraphDef, cfg: LossConfig) -> Callable:
+def make_eval_step(stage: int, graphdef: nnx.GraphDef, cfg: StepConfig) -> Callable:
   """Validation loss, `(state, batch, rng) -> {'loss'}`, with no embedding dropout."""
   loss_fn = LOSSES[stage]
   cfg = dataclasses.replace(cfg, embed_dropout=0.0)
 
   def eval_step(state: TrainState, batch: dict[str, jax.Array], rng: jax.Array):
     model = nnx.merge(graphdef, state.params, state.frozen)
-    return {"loss": loss_fn(model, batch, rng, cfg)}
+    return {"loss": loss_fn(model, batch, jax.random.split(rng, _batch_size(batch)), cfg)}
 
   return eval_step
