@@ -305,27 +305,16 @@ def test_bad_config_values_fail_before_compiling(sources, tmp_path):
   c.components.unet_middle = {"lr": 1e-4}
   with pytest.raises(UserError, match="unknown component label 'unet_middle'"):
     setup_lib.build(c, total_steps=4, steps_per_epoch=4)
-  c = tiny(1, sources, **{"mesh.data": 3, "mesh.fsdp": -1})
-  with pytest.raises(UserError, match="does not divide the 8 devices"):
-    setup_lib.build(c, total_steps=4, steps_per_epoch=4)
-  c = tiny(1, sources, **{"mesh.data": 3})
-  with pytest.raises(UserError, match="needs 3 devices, but there are 8"):
-    setup_lib.build(c, total_steps=4, steps_per_epoch=4)
-  c = tiny(1, sources, **{"train.global_batch": 12})
-  with pytest.raises(UserError, match="not divisible by data x fsdp = 8"):
-    setup_lib.build(c, total_steps=4, steps_per_epoch=4)
-  c = tiny(1, sources, **{"train.microbatches": 3})
-  with pytest.raises(UserError, match="does not split into train.microbatches=3"):
-    setup_lib.build(c, total_steps=4, steps_per_epoch=4)
-  c = tiny(1, sources, **{"train.microbatches": 0})
-  with pytest.raises(UserError, match="expected a positive integer"):
-    setup_lib.build(c, total_steps=4, steps_per_epoch=4)
-  c = tiny(2, sources, **{"init.encoder_from": ""})
-  with pytest.raises(UserError, match="stage 2 needs the stage-1 encoder"):
-    setup_lib.build(c, total_steps=4, steps_per_epoch=4)
-  c = tiny(2, sources, **{"init.encoder_from": str(tmp_path / "nothing")})
-  with pytest.raises(UserError, match="no such checkpoint"):
-    setup_lib.build(c, total_steps=4, steps_per_epoch=4)
+  for stage, overrides, message in (
+      (1, {"mesh.data": 3, "mesh.fsdp": -1}, "does not divide the 8 devices"),
+      (1, {"mesh.data": 3}, "needs 3 devices, but there are 8"),
+      (1, {"train.global_batch": 12}, "not divisible by data x fsdp = 8"),
+      (1, {"train.microbatches": 3}, "does not split into train.microbatches=3"),
+      (1, {"train.microbatches": 0}, "expected a positive integer"),
+      (2, {"init.encoder_from": ""}, "stage 2 needs the stage-1 encoder"),
+      (2, {"init.encoder_from": str(tmp_path / "nothing")}, "no such checkpoint")):
+    with pytest.raises(UserError, match=message):
+      setup_lib.build(tiny(stage, sources, **overrides), total_steps=4, steps_per_epoch=4)
   # Through the CLI: one line on stderr, exit status 2.
   out = subprocess.run([sys.executable, "-m", "imprint_jax.cli", "train", "--config",
                         "configs/stage2.py:tiny", "--workdir", str(tmp_path / "w"),

@@ -48,15 +48,20 @@ def platform() -> str:
 
 
 @contextlib.contextmanager
-def compiling_for(name: str) -> Iterator[None]:
-  """Traces model code for platform `name` ('cpu', 'gpu', 'tpu'), e.g. when compiling ahead
-  of time for TPU devices from a CPU host (`imprint-jax plan --topology`). JAX caches traces
-  per function object and does not see this setting: trace a function not traced before."""
-  token = _PLATFORM.set(name)
+def _setting(var: contextvars.ContextVar, value: Any) -> Iterator[None]:
+  """Sets a tracing setting for the duration of a `with` block."""
+  token = var.set(value)
   try:
     yield
   finally:
-    _PLATFORM.reset(token)
+    var.reset(token)
+
+
+def compiling_for(name: str) -> contextlib.AbstractContextManager[None]:
+  """Traces model code for platform `name` ('cpu', 'gpu', 'tpu'), e.g. when compiling ahead
+  of time for TPU devices from a CPU host (`imprint-jax plan --topology`). JAX caches traces
+  per function object and does not see this setting: trace a function not traced before."""
+  return _setting(_PLATFORM, name)
 
 
 def compute_dtype(name: str) -> Any:
@@ -301,17 +306,12 @@ _GPU_ATTENTION: contextvars.ContextVar[str] = contextvars.ContextVar("gpu_attent
                                                                     default="cudnn")
 
 
-@contextlib.contextmanager
-def gpu_attention(implementation: str) -> Iterator[None]:
+def gpu_attention(implementation: str) -> contextlib.AbstractContextManager[None]:
   """Traces GPU attention with `implementation`: 'cudnn' (the default: cuDNN flash attention
   where `cudnn_supported`) or 'xla' (XLA's fused path everywhere; for comparisons)."""
   if implementation not in ("cudnn", "xla"):
     raise UserError(f"unknown GPU attention {implementation!r}: expected 'cudnn' or 'xla'")
-  token = _GPU_ATTENTION.set(implementation)
-  try:
-    yield
-  finally:
-    _GPU_ATTENTION.reset(token)
+  return _setting(_GPU_ATTENTION, implementation)
 
 
 def cudnn_supported(q_BLHD: jax.Array, v_BSHD: jax.Array) -> bool:
