@@ -137,14 +137,47 @@ def axes(*names: str | None) -> dict[str, Any]:
   return {"out_sharding": tuple(names), "eager_sharding": False}
 
 
+class _Conv(nnx.Conv):
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return super().__call__(shard_batch(x))
+
+
+# Logical axes that the sharding rules split over 'tensor' (configs/common.py): a kernel whose
+# input axis is one of them is row-parallel (its input features arrive split).
+_TENSOR_PARALLEL_AXES = ("heads", "mlp")
+
+
+class _Linear(nnx.Linear):
+  """nnx.Linear pinning its activations' layout on a mesh (see `shard_batch`): the input
+  batch-split with features whole (column-parallel or plain kernels), or, for a row-parallel
+  kernel, the output (after the all-reduce over 'tensor')."""
+
+  def __init__(self, *args, row_parallel: bool, **kw):
+    super().__init__(*args, **kw)
+    self.row_parallel = row_parallel
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.row_parallel:
+      return shard_batch(super().__call__(x))
+    return super().__call__(shard_batch(x))
+
+
+class _Conv(nnx.Conv):
+  """nnx.Conv with its input batch-split and channels whole on a mesh (see `shard_batch`)."""
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return super().__call__(shard_batch(x))
+
+
 def dense(in_features: int, out_features: int, names: tuple[str | None, str | None], *,
           dtype: Any, rngs: nnx.Rngs, use_bias: bool = True,
           kernel_init: Callable | None = None) -> nnx.Linear:
   """A Linear layer; `names` are the logical axes of its (in, out) kernel."""
   kw = {"kernel_init": kernel_init or lecun_normal()}
-  return nnx.Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
-                    param_dtype=jnp.float32, rngs=rngs, kernel_metadata=axes(*names),
-                    bias_metadata=axes(names[1]), **kw)
+  return _Linear(in_features, out_features, use_bias=use_bias, dtype=dtype,
+                 param_dtype=jnp.float32, rngs=rngs, kernel_metadata=axes(*names),
+                 bias_metadata=axes(names[1]), row_parallel=names[0] in _TENSOR_PARALLEL_AXES,
+                 **kw)
 
 
 def conv(in_features: int, out_features: int, kernel_size: int, *, dtype: Any,
@@ -154,7 +187,7 @@ def conv(in_features: int, out_features: int, kernel_size: int, *, dtype: Any,
   if padding is None:
     padding = ((kernel_size // 2, kernel_size // 2),) * 2
   kw = {"kernel_init": kernel_init or lecun_normal()}
-  return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), strides=stride,
+  return _Conv(in_features, out_features, (kernel_size, kernel_size), strides=stride,
                   padding=padding, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                   rngs=rngs, kernel_metadata=axes(None, None, "conv_in", "conv_out"),
                   bias_metadata=axes("conv_out"), conv_general_dilated=_conv_general_dilated,
@@ -408,10 +441,21 @@ def shard_batch(x: jax.Array) -> jax.Array:
   replicated along its other dimensions; a no-op outside `jax.set_mesh` or when the batch
   does not divide.
 
-  Used at block boundaries. Besides documenting the intended layout, it stops the SPMD
-  partitioner from choosing layouts that mix batch, fsdp and tensor sharding inside the
-  backward pass: without it, XLA (0.10.2, CPU) computed wrong UNet gradients on a
-  data=2 x fsdp=2 x tensor=2 mesh (tests/test_train.py checks the sharded step).
+  Used at block boundaries and on the inputs of every convolution and dense layer, except
+  row-parallel dense layers (a ('heads'|'mlp', 'embed') kernel: attention output and MLP
+  output layers), whose outputs it constrains instead. Besides documenting the intended layout, it stops
+  the SPMD partitioner from choosing layouts that mix batch, fsdp and tensor sharding:
+  without it, XLA (0.10.2, CPU; Shardy and GSPMD alike) computed a wrong UNet forward and
+  wrong gradients on a data=2 x fsdp=2 x tensor=2 mesh. The known case: `x @ w` with x
+  sharded P(('data', 'fsdp'), None, 'tensor'), w P('tensor', 'fsdp') (a ('heads'|'mlp',
+  'embed') kernel) and the result P(('data', 'fsdp'), None, 'tensor') is partitioned with a
+  collective-permute of x that swaps batch shards 1 and 2 and is never undone, so those
+  samples get each other's output. Constraining the result to P(('data', 'fsdp')) (features
+  replicated, the usual tensor-parallel all-reduce) avoids that partitioning. The backward
+  passes of column-parallel dense layers (dx = dy @ w.T) and of convolutions (kernels split
+  over fsdp on input and tensor on output channels) are the same product; constraining the
+  layer's input constrains dx. tests/test_train.py checks the sharded step and the sharded
+  UNet forward and gradients; tests/test_layers.py the product itself.
   """
   if not hasattr(x, "shape") or x.ndim == 0:
     return x
