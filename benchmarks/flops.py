@@ -259,17 +259,19 @@ def _result(c: Counter, train: bool) -> StepFlops:
 
 
 def train_step(cfg: ImprintConfig, stage: int, batch: int, encoder_size: int,
-               generator_size: int) -> StepFlops:
+               generator_size: int, object_tokens: bool = False) -> StepFlops:
   """Model FLOPs of one training step on `batch` pairs.
 
   stage 1 trains DINOv2, the adapter and the UNet decoder (up blocks, conv_norm_out,
   conv_out) and encodes the target with the VAE; stage 2 trains the adapter and the whole
-  UNet (DINOv2 frozen) and encodes the target and the masked target.
+  UNet (DINOv2 frozen) and encodes the target and the masked target; with `object_tokens`
+  (stage 2 on precomputed tokens) it does not run DINOv2.
   """
   c = Counter()
   for _ in range(stage):  # stage 2 also encodes the masked background
     vae_encode(c, cfg.vae, batch, generator_size)
-  tok = dinov2(c, cfg.dinov2, batch, encoder_size, trained=stage == 1)
+  tok = False if object_tokens else dinov2(c, cfg.dinov2, batch, encoder_size,
+                                           trained=stage == 1)
   ctx = adapter(c, cfg.adapter, batch, dinov2_tokens(cfg.dinov2, encoder_size), tok,
                 trained=True)
   lat = generator_size // cfg.vae.downsample_factor

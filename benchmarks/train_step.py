@@ -108,7 +108,8 @@ class TorchStep:
     abar = diffusion.sd_schedule().alphas_cumprod
     self.abar = torch.tensor(abar.tolist(), dtype=torch.float32, device=device)
     nchw = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
-    self.batch = {k: nchw(v) for k, v in batch_np.items()}
+    self.batch = {k: nchw(v) if v.ndim == 4 else torch.from_numpy(v).to(device)
+                  for k, v in batch_np.items()}
     self.F = F
     self.build_s = time.perf_counter() - t0
     self.last_loss = None
@@ -116,14 +117,16 @@ class TorchStep:
   def loss(self):
     import torch
     F, b = self.F, self.batch
-    B = b["object"].shape[0]
+    B = b["target"].shape[0]
     with common.autocast(self.device, self.dtype):
       with torch.no_grad():
         z0 = self.vae.encode(b["target"]).latent_dist.sample() * self.scaling
         if self.stage == 2:
           z_bg = self.vae.encode(b["masked_target"]).latent_dist.sample() * self.scaling
           m_lat = F.max_pool2d(b["mask"], self.factor)
-      if self.dino_trained:
+      if "object_tokens" in b:  # precomputed (--object-tokens)
+        tokens = b["object_tokens"]
+      elif self.dino_trained:
         tokens = self.dino(pixel_values=b["object"]).last_hidden_state
       else:
         with torch.no_grad():
@@ -170,6 +173,23 @@ def measure(stage: int, args, sc: common.Scale, jax_device, torch_device, dtype:
   model_cfg = setup_lib.model_config(c)
   batch_np = common.random_batch(stage, args.batch, sc.encoder_size, sc.generator_size,
                                  args.seed)
+  tokens = stage == 2 and args.object_tokens
+  if tokens:  # both sides read precomputed tokens: random ones (timing only), no DINOv2
+    import atexit
+    import shutil
+    import tempfile
+
+    from imprint_jax.data import token_store
+    from imprint_jax.models.dinov2 import num_tokens
+    d = model_cfg.dinov2
+    shape = (args.batch, num_tokens(d, sc.encoder_size, sc.encoder_size), d.hidden_size)
+    batch_np["object_tokens"] = np.random.default_rng(args.seed).standard_normal(
+        shape, np.float32).astype(token_store.DTYPE)
+    del batch_np["object"]
+    c.data.object_tokens = tempfile.mkdtemp(prefix="imprint-bench-tokens-")
+    atexit.register(shutil.rmtree, c.data.object_tokens, True)
+    token_store.write_manifest(c.data.object_tokens, encoder_size=sc.encoder_size,
+                               variants=1, tokens=shape[1], width=shape[2])
   undo = common.scope_model_parts() if args.profile else None
   try:
     jax_step = JaxStep(c, batch_np, jax_device)
@@ -193,7 +213,8 @@ def measure(stage: int, args, sc: common.Scale, jax_device, torch_device, dtype:
         torch_step.step, torch_device,
         [torch_step.dino, torch_step.adapter, torch_step.unet, torch_step.vae, torch_step.opt,
          *torch_step.batch.values()])
-  f = flops.train_step(model_cfg, stage, args.batch, sc.encoder_size, sc.generator_size)
+  f = flops.train_step(model_cfg, stage, args.batch, sc.encoder_size, sc.generator_size,
+                       object_tokens=tokens)
   out = {"stage": stage, "times": times, "mem": mem, "planned": jax_step.planned_bytes,
          "memory_line": common.xla_memory_line(jax_step.compiled),
          "flops": f, "losses": losses,
@@ -285,6 +306,9 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--only", choices=("jax", "torch"), default=None,
                  help="time one framework only (profiling)")
   p.add_argument("--torch-device", default=None, help="default: cuda if available, else cpu")
+  p.add_argument("--object-tokens", action="store_true",
+                 help="stage 2 on precomputed DINOv2 tokens (data.object_tokens): both sides"
+                      " skip DINOv2 and run the adapter on a token batch")
   p.add_argument("--profile", action="store_true",
                  help="also split one step's time by network, direction and op kind")
   args = p.parse_args(argv)

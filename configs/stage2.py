@@ -40,6 +40,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.generator_size = 512
   c.data.mask_level_probs = (0.25, 0.25, 0.25, 0.25)
   c.data.augment_video_objects = True
+  # Precomputed DINOv2 tokens (`imprint-jax encode-objects` output); "" = run DINOv2 per step.
+  c.data.object_tokens = ""
   c.data.num_workers = 8
   c.data.prefetch = 2
 

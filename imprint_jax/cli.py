@@ -103,6 +103,42 @@ def _run_train(args) -> int:
   return 0
 
 
+def _add_encode_objects(sub) -> None:
+  p = sub.add_parser("encode-objects", help="stage 2: precompute the frozen DINOv2's object"
+                     " tokens of every pair (train with --set data.object_tokens=OUT)",
+                     description="Runs the stage-2 run's frozen DINOv2 (from init.checkpoint and"
+                     " init.encoder_from) once over the objects of every pair of every data"
+                     " source (train and validation splits), each in --variants random"
+                     " perturbations, and writes them as float16 token shards. Training with"
+                     " --set data.object_tokens=OUT then runs the adapter on these tokens"
+                     " instead of DINOv2 in every step; a step picks one variant per pair.")
+  p.add_argument("--config", required=True, help="configs/stage2.py[:tiny] or a config file")
+  p.add_argument("--out", required=True, help="token folder to create")
+  p.add_argument("--variants", type=int, default=4,
+                 help="perturbations stored per pair (default 4)")
+  p.add_argument("--batch", type=int, default=None,
+                 help="images per encoder call over all hosts (default: train.global_batch)")
+  p.add_argument("--workdir", default=None,
+                 help="the training run's workdir (needed for synthetic: data sources)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config value, as for train")
+  p.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() (multi-host, as for train)")
+  p.set_defaults(func=_run_encode_objects)
+
+
+def _run_encode_objects(args) -> int:
+  if args.distributed:
+    import jax
+    jax.distributed.initialize()
+  from imprint_jax.train import encode_objects, run_config
+  config = run_config.load(args.config, args.set)
+  out = encode_objects.encode(config, args.out, variants=args.variants, batch=args.batch,
+                              workdir=args.workdir)
+  print(f"wrote {out}")
+  return 0
+
+
 def _add_plan(sub) -> None:
   p = sub.add_parser("plan", help="compile the full-size step for a mesh (virtual CPU devices"
                      " or a TPU topology) and print per-device memory",
@@ -195,8 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    " compositing in JAX: import weights, prepare data, train,"
                                    " composite, export.")
   sub = parser.add_subparsers(dest="command", required=True)
-  for add in (_add_import, _add_export, _add_prepare, _add_train, _add_plan, _add_composite,
-              _add_evaluate):
+  for add in (_add_import, _add_export, _add_prepare, _add_train, _add_encode_objects,
+              _add_plan, _add_composite, _add_evaluate):
     add(sub)
   return parser
 

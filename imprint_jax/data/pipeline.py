@@ -21,7 +21,10 @@ Batches are dicts of numpy arrays, normalised here (never in the train step):
   stage 2  object as above (perturbed: always for 'image' pairs, optionally for video pairs);
            target (b, G, G, 3) f32 in [-1, 1] with background; mask (b, G, G, 1) f32 in {0, 1}
            at a random level; masked_target = target * (1 - mask); mask_level (b,) i32 in 1..4;
-           pair_id (b,) i64.
+           pair_id (b,) i64. With `DataConfig.object_tokens` (precomputed DINOv2 tokens, see
+           `imprint_jax.data.token_store`) also object_tokens (b, L, D) f16: one of the
+           pair's stored variants at random, each already perturbed; object is then the
+           unperturbed object (for sample grids only).
 
 Records are read as raw bytes with grain's ArrayRecordDataSource and decoded in the map step
 (`reader="grain"`, the default), or through `tfds.builder_from_directory(...).as_data_source`
@@ -46,6 +49,7 @@ from PIL import Image
 from imprint_jax.data import augment as augment_lib
 from imprint_jax.data import masks as masks_lib
 from imprint_jax.data import schema
+from imprint_jax.data import token_store
 from imprint_jax.errors import UserError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -69,6 +73,8 @@ class DataConfig:
     prefetch: batches buffered per process (and per worker after it).
     read_threads: threads per process, each making whole batches (0: in the calling thread).
     reader: "grain" (raw ArrayRecord bytes, decoded in the map) or "tfds" (tfds data source).
+    object_tokens: stage 2: a folder of precomputed object tokens (`imprint-jax
+      encode-objects`) for these sources; "" = none.
     seed: seeds the shuffles and the augmentation.
   """
   sources: tuple[tuple[str, float], ...] = ()
@@ -82,6 +88,7 @@ class DataConfig:
   prefetch: int = 2
   read_threads: int = 2
   reader: str = "grain"
+  object_tokens: str = ""
   seed: int = 0
 
   def __post_init__(self):
@@ -162,22 +169,31 @@ def _resize(image: np.ndarray, size: int, is_mask: bool) -> np.ndarray:
   return out.reshape(size, size, image.shape[-1])
 
 
-class _Decode:
-  """Source item -> record dict at the configured sizes (picklable for grain workers)."""
+class DecodeRecord:
+  """Source item -> record dict at the configured sizes (picklable for grain workers).
 
-  def __init__(self, data_dir: str, encoder_size: int, generator_size: int):
+  With `tokens` (a `token_store.TokenSource`), items are (record, token record) pairs and
+  the dict gains "object_tokens" (variants, L, D)."""
+
+  def __init__(self, data_dir: str, encoder_size: int, generator_size: int, tokens=None):
     self.data_dir = data_dir
     self.sizes = {"object": encoder_size, "object_mask": encoder_size,
                   "target": generator_size, "target_mask": generator_size}
+    self.tokens = tokens
     self._features = None
 
   def __getstate__(self):
     return {**self.__dict__, "_features": None}  # rebuilt from features.json in the worker
 
   def __call__(self, item: Any) -> dict[str, Any]:
+    token_item = None
+    if self.tokens is not None:
+      item, token_item = item
     if self._features is None and isinstance(item, (bytes, bytearray, memoryview)):
       self._features = _dataset_builder(self.data_dir).info.features
     rec = decode_record(item, self._features)
+    if token_item is not None:
+      rec["object_tokens"] = self.tokens.decode(token_item, rec["pair_id"])
     if rec["object"].shape[0] != self.sizes["object"]:
       rec["object"] = _resize(rec["object"], self.sizes["object"], False)
       rec["object_mask"] = _resize(rec["object_mask"], self.sizes["object"], True)
@@ -217,20 +233,31 @@ class Stage2Transform:
     self.augment_video_objects = cfg.augment_video_objects
     self.mask_level_probs = tuple(cfg.mask_level_probs)
 
-  def __call__(self, rec: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+  def perturb_object(self, rec: Mapping[str, Any], rng: np.random.Generator) -> np.ndarray:
+    """The record's object as the model sees it (perturbed or not, by its kind)."""
     obj, obj_mask = rec["object"], rec["object_mask"]
     kind = rec["kind"]
+    if kind == "image":  # the pair is made here: the object is always perturbed
+      obj, _ = augment_lib.augment_object(obj, obj_mask, self.perturb, rng)
+    elif kind in ("video", "multiview") and self.augment_video_objects:
+      obj, _ = augment_lib.augment_object(obj, obj_mask, self.augment, rng)
+    return obj
+
+  def __call__(self, rec: Mapping[str, Any], rng: np.random.Generator) -> dict[str, Any]:
+    out = {}
     try:
-      if kind == "image":  # the pair is made here: the object is always perturbed
-        obj, _ = augment_lib.augment_object(obj, obj_mask, self.perturb, rng)
-      elif kind in ("video", "multiview") and self.augment_video_objects:
-        obj, _ = augment_lib.augment_object(obj, obj_mask, self.augment, rng)
+      if "object_tokens" in rec:  # perturbed when they were encoded: pick one variant
+        tokens = rec["object_tokens"]
+        out["object_tokens"] = tokens[rng.integers(tokens.shape[0])]
+        obj = rec["object"]
+      else:
+        obj = self.perturb_object(rec, rng)
       level = masks_lib.sample_level(self.mask_level_probs, rng)
       mask = masks_lib.coarse_mask(rec["target_mask"], level, rng)
     except UserError as e:
       raise UserError(f"pair_id {rec['pair_id']} ({rec.get('target_id', '?')}): {e}") from None
     return {"object": obj, "target": rec["target"], "mask": mask.astype(np.uint8),
-            "mask_level": np.int32(level), "pair_id": np.int64(rec["pair_id"])}
+            "mask_level": np.int32(level), "pair_id": np.int64(rec["pair_id"]), **out}
 
 
 _OBJECT_SCALE = (1.0 / (255.0 * IMAGENET_STD)).astype(np.float32)
@@ -262,17 +289,21 @@ def _finish_stage1(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def _finish_stage2(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   target = normalize_target(batch["target"])
   mask = batch["mask"].astype(np.float32)
-  return {"object": normalize_object(batch["object"]), "target": target, "mask": mask,
-          "masked_target": target * (np.float32(1.0) - mask),
-          "mask_level": batch["mask_level"].astype(np.int32),
-          "pair_id": batch["pair_id"].astype(np.int64)}
+  out = {"object": normalize_object(batch["object"]), "target": target, "mask": mask,
+         "masked_target": target * (np.float32(1.0) - mask),
+         "mask_level": batch["mask_level"].astype(np.int32),
+         "pair_id": batch["pair_id"].astype(np.int64)}
+  if "object_tokens" in batch:
+    out["object_tokens"] = batch["object_tokens"]
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Datasets.
 
 
-def _seed(*parts: int) -> int:
+def derive_seed(*parts: int) -> int:
+  """A seed derived from integers (a seed and what it is for), the same in every process."""
   return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
@@ -298,11 +329,15 @@ def mixed_records(cfg: DataConfig):
     if not weight > 0:
       raise UserError(f"DataConfig.sources[{i}] ({data_dir}): weight {weight} must be > 0")
     source, _ = open_source(data_dir, cfg.split, cfg.reader)
+    tokens = None
+    if cfg.object_tokens:
+      tokens = token_store.TokenSource(cfg.object_tokens, i, data_dir, cfg.split)
+      source = tokens.zip(source)
     ds = grain.MapDataset.source(source)
     # Shuffle before repeat: grain folds the epoch into the shuffle seed, so each epoch has
     # its own order.
-    ds = ds.shuffle(seed=_seed(cfg.seed, i, 1)).repeat()
-    ds = ds.map(_Decode(data_dir, cfg.encoder_size, cfg.generator_size))
+    ds = ds.shuffle(seed=derive_seed(cfg.seed, i, 1)).repeat()
+    ds = ds.map(DecodeRecord(data_dir, cfg.encoder_size, cfg.generator_size, tokens))
     parts.append(ds)
     weights.append(float(weight))
   if len(parts) == 1:
@@ -353,7 +388,7 @@ def _build(cfg: DataConfig, transform, finish, *, global_batch: int, process_ind
   if not 0 <= process_index < process_count:
     raise UserError(f"process_index {process_index} not in [0, {process_count})")
   ds = mixed_records(cfg)
-  ds = ds.random_map(transform, seed=_seed(cfg.seed, 2))
+  ds = ds.random_map(transform, seed=derive_seed(cfg.seed, 2))
   ds = _host_slice_class()(ds, global_batch, batch, process_index)
   # Batching the MapDataset (not the iterator) makes a batch the unit of work: batches are
   # the same whatever the number of workers and threads, and one batch never mixes workers.

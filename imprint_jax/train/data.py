@@ -71,7 +71,8 @@ def data_config(c: ml_collections.ConfigDict, sources, split: str) -> pipeline.D
   kw: dict[str, Any] = {}
   if c.stage == 2:
     kw = dict(mask_level_probs=tuple(c.data.mask_level_probs),
-              augment_video_objects=bool(c.data.augment_video_objects))
+              augment_video_objects=bool(c.data.augment_video_objects),
+              object_tokens=str(c.data.get("object_tokens", "")))
   return pipeline.DataConfig(sources=tuple(sources), split=split,
                              encoder_size=c.data.encoder_size,
                              generator_size=c.data.generator_size,
@@ -89,8 +90,8 @@ class TrainIterator:
   """Yields (global device batch of the step's keys, this host's pair ids); checkpointable."""
 
   def __init__(self, c, setup, sources):
-    from imprint_jax.train.setup import MODEL_KEYS
-    keys = MODEL_KEYS[setup.stage]
+    from imprint_jax.train.setup import model_keys
+    keys = model_keys(c)
     mesh = setup.mesh
 
     def transfer(batch):
@@ -123,9 +124,10 @@ def train_iterator(c, setup, sources) -> TrainIterator:
 
 def val_batches(c, setup, sources) -> list[dict[str, jax.Array]]:
   """The fixed validation set: the first `eval_batches` batches of the val split (global
-  device arrays), or [] when a source has no val split."""
+  device arrays), or [] when a source has no val split. They also hold the object pixels when
+  the step reads precomputed tokens: sample grids encode and show them."""
   from data_prep import shards
-  from imprint_jax.train.setup import MODEL_KEYS
+  from imprint_jax.train.setup import model_keys
   if not c.eval_every or c.eval_batches <= 0:
     return []
   if any(shards.split_sizes(p).get(c.data.val_split, 0) == 0 for p, _ in sources):
@@ -136,7 +138,8 @@ def val_batches(c, setup, sources) -> list[dict[str, jax.Array]]:
   out = []
   for _ in range(c.eval_batches):
     b = next(it)
-    out.append(pipeline.to_global({k: b[k] for k in MODEL_KEYS[setup.stage]}, setup.mesh))
+    keys = dict.fromkeys(("object",) + model_keys(c))
+    out.append(pipeline.to_global({k: b[k] for k in keys}, setup.mesh))
   close = getattr(it, "close", None)
   if close:
     close()

@@ -26,10 +26,12 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from imprint_jax.data import token_store
 from imprint_jax.errors import UserError
 from imprint_jax.models import layers
 from imprint_jax.train import data as train_data
 from imprint_jax.train import setup as setup_lib
+from imprint_jax.train import sharding
 from imprint_jax.train.checkpoints import RunCheckpoints
 from imprint_jax.train.steps import make_eval_step, make_train_step
 
@@ -149,8 +151,10 @@ def compile_steps(setup: setup_lib.Setup):
     compiled = jitted.lower(abstract_state, batch_spec, rng_spec).compile()
   log.info("compiled stage-%d step in %.1f s; %s", setup.stage, time.time() - t0,
            _memory_report(compiled))
+  # One sharding for every batch entry: validation batches may carry more keys than the step's.
   eval_jit = jax.jit(make_eval_step(setup.stage, setup.graphdef, setup.step_cfg),
-                     in_shardings=(setup.state_shardings, batch_sh, repl), out_shardings=repl)
+                     in_shardings=(setup.state_shardings, sharding.batch_sharding(setup.mesh),
+                                   repl), out_shardings=repl)
 
   def eval_fn(state, batch, rng):
     with jax.set_mesh(setup.mesh):
@@ -186,6 +190,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     raise UserError(f"the run has {total_steps} steps: fewer pairs than one global batch"
                     f" ({c.train.global_batch})")
   setup = setup_lib.build(c, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  if setup_lib.uses_object_tokens(c):
+    from data_prep import shards
+    token_store.check_sources(token_store.load_manifest(c.data.object_tokens), sources,
+                              shards.split_sizes)
 
   ckpts = RunCheckpoints(workdir, keep=c.keep_checkpoints, use_async=c.async_checkpoints)
   latest = ckpts.latest_step()
@@ -205,6 +213,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     state = setup_lib.init_state(setup)
     start = 0
     log.info("initialised the state in %.1f s", time.time() - t0)
+  if setup_lib.uses_object_tokens(c):
+    from imprint_jax.train import encode_objects
+    dist = encode_objects.check_encoder(setup, state)
+    log.info("object tokens from %s: made by this run's encoder (probe distance %.2g)",
+             c.data.object_tokens, dist)
   (workdir / "config.json").write_text(c.to_json_best_effort(indent=2) + "\n")
 
   compiled, eval_fn = compile_steps(setup)

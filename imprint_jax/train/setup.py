@@ -19,10 +19,12 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from imprint_jax import checkpoint as ckpt_lib
+from imprint_jax.data import token_store
 from imprint_jax.errors import UserError
 from imprint_jax.models import layers
 from imprint_jax.models.adapter import AdapterConfig
 from imprint_jax.models.dinov2 import Dinov2Config
+from imprint_jax.models.dinov2 import num_tokens as dinov2_num_tokens
 from imprint_jax.models.imprint import Imprint, ImprintConfig
 from imprint_jax.models.unet import UNetConfig, widen_conv_in
 from imprint_jax.models.vae import VAEConfig
@@ -31,6 +33,18 @@ from imprint_jax.train.steps import StepConfig, TrainState
 
 # What the step needs from a batch (the pipeline also yields ids kept on the host).
 MODEL_KEYS = {1: ("object", "target"), 2: ("object", "target", "mask", "masked_target")}
+
+
+def uses_object_tokens(c: ml_collections.ConfigDict) -> bool:
+  """Stage 2 reading precomputed DINOv2 tokens (`data.object_tokens`) instead of running it."""
+  return c.stage == 2 and bool(c.data.get("object_tokens", ""))
+
+
+def model_keys(c: ml_collections.ConfigDict) -> tuple[str, ...]:
+  keys = MODEL_KEYS[c.stage]
+  if uses_object_tokens(c):
+    keys = ("object_tokens",) + keys[1:]
+  return keys
 
 
 def _sub_config(klass, spec: Mapping[str, Any], **defaults) -> Any:
@@ -125,10 +139,30 @@ class Setup:
     """Abstract global batch (what the step is compiled for)."""
     c, sh = self.config, sharding.batch_sharding(self.mesh)
     E, G = c.data.encoder_size, c.data.generator_size
+    d = self.model_cfg.dinov2
     shapes = {"object": (E, E, 3), "target": (G, G, 3), "mask": (G, G, 1),
-              "masked_target": (G, G, 3)}
-    return {k: jax.ShapeDtypeStruct((global_batch, *shapes[k]), jnp.float32, sharding=sh)
-            for k in MODEL_KEYS[self.stage]}
+              "masked_target": (G, G, 3),
+              "object_tokens": (dinov2_num_tokens(d, E, E), d.hidden_size)}
+    dtypes = {"object_tokens": token_store.DTYPE}
+    return {k: jax.ShapeDtypeStruct((global_batch, *shapes[k]), dtypes.get(k, jnp.float32),
+                                    sharding=sh)
+            for k in model_keys(c)}
+
+
+def _check_object_tokens(c: ml_collections.ConfigDict, schedules: dict,
+                         model_cfg: ImprintConfig) -> None:
+  if c.stage != 2:
+    raise UserError("data.object_tokens is a stage-2 option (DINOv2 is trained in stage 1)")
+  if schedules.get("dinov2") is not None:
+    raise UserError("data.object_tokens needs a frozen DINOv2 (components.dinov2 = None):"
+                    " precomputed tokens cannot follow a trained encoder")
+  m = token_store.load_manifest(c.data.object_tokens)
+  E = c.data.encoder_size
+  want = (dinov2_num_tokens(model_cfg.dinov2, E, E), model_cfg.dinov2.hidden_size)
+  if m["encoder_size"] != E or m["shape"][1:] != want:
+    raise UserError(f"data.object_tokens {c.data.object_tokens}: encoded at {m['encoder_size']}"
+                    f" px as {m['shape'][1]} x {m['shape'][2]} tokens, the run needs"
+                    f" {E} px, {want[0]} x {want[1]}; rerun `imprint-jax encode-objects`")
 
 
 def build(c: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: int,
@@ -149,6 +183,8 @@ def build(c: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: in
   sharding.check_batch(c.train.global_batch, mesh)
   rules = sharding.check_rules(c.logical_axis_rules)
   model_cfg = model_config(c)
+  if c.data.get("object_tokens", ""):
+    _check_object_tokens(c, schedules, model_cfg)
   step_cfg = step_config(c, mesh)
   boundaries = phase_boundaries(c, steps_per_epoch)
   for name, s in schedules.items():
@@ -216,18 +252,33 @@ def _widened_unet_state(setup: Setup, abstract_unet, unet_state: nnx.State) -> n
   return jax.jit(widen, out_shardings=shardings)(unet_state)
 
 
-def init_state(setup: Setup) -> TrainState:
-  """The initial training state, materialised directly in its shardings.
+def _random_model(setup: Setup):
+  return nnx.state(Imprint(setup.model_cfg, rngs=layers.init_rngs(setup.config.seed)), nnx.Param)
 
-  Parameters come from a random init, then `init.checkpoint` (an `imprint-jax import`
-  checkpoint: all four networks; a 4-channel UNet is widened for stage 2), then
-  `init.encoder_from` (stage 2: DINOv2 + adapter of a stage-1 run). Without checkpoints the
-  whole state (parameters and optimizer) is created by one jitted function.
-  """
+
+def init_model(setup: Setup) -> nnx.State:
+  """The parameters of all four networks as the run starts, in the model's shardings: a random
+  init, then `init.checkpoint` (an `imprint-jax import` checkpoint: all four networks; a
+  4-channel UNet is widened for stage 2), then `init.encoder_from` (stage 2: DINOv2 + adapter
+  of a stage-1 run)."""
   c = setup.config
-  model_cfg = setup.model_cfg
-  abstract_model = layers.abstract(lambda r: Imprint(model_cfg, rngs=r))
-  model_graphdef = nnx.graphdef(abstract_model)
+  abstract_model = layers.abstract(lambda r: Imprint(setup.model_cfg, rngs=r))
+  state = jax.jit(lambda: _random_model(setup),
+                  out_shardings=_model_shardings(setup, abstract_model))()
+  if c.init.checkpoint:
+    _restore_into(setup, c.init.checkpoint, ("dinov2", "adapter", "unet", "vae"), state,
+                  "init.checkpoint")
+  if c.init.encoder_from:
+    _restore_into(setup, c.init.encoder_from, ("dinov2", "adapter"), state, "init.encoder_from")
+  return state
+
+
+def init_state(setup: Setup) -> TrainState:
+  """The initial training state (`init_model`'s parameters and a fresh optimizer state),
+  materialised directly in its shardings. Without checkpoints the whole state is created by
+  one jitted function."""
+  c = setup.config
+  model_graphdef = nnx.graphdef(layers.abstract(lambda r: Imprint(setup.model_cfg, rngs=r)))
   trainable = optim.trainable_filter(setup.schedules)
   tx = setup.tx
 
@@ -237,18 +288,11 @@ def init_state(setup: Setup) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                       opt_state=tx.init(params))
 
-  def random_init():
-    return nnx.state(Imprint(model_cfg, rngs=layers.init_rngs(c.seed)), nnx.Param)
-
   if not (c.init.checkpoint or c.init.encoder_from):
-    return jax.jit(lambda: assemble(random_init()), out_shardings=setup.state_shardings)()
-  state = jax.jit(random_init, out_shardings=_model_shardings(setup, abstract_model))()
-  if c.init.checkpoint:
-    _restore_into(setup, c.init.checkpoint, ("dinov2", "adapter", "unet", "vae"), state,
-                  "init.checkpoint")
-  if c.init.encoder_from:
-    _restore_into(setup, c.init.encoder_from, ("dinov2", "adapter"), state, "init.encoder_from")
-  return jax.jit(assemble, out_shardings=setup.state_shardings, donate_argnums=0)(state)
+    return jax.jit(lambda: assemble(_random_model(setup)),
+                   out_shardings=setup.state_shardings)()
+  return jax.jit(assemble, out_shardings=setup.state_shardings, donate_argnums=0)(
+      init_model(setup))
 
 
 def full_model_state(state: TrainState) -> nnx.State:

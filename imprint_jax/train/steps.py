@@ -66,11 +66,15 @@ def _encode_latents(model: Imprint, x_BHWC: jax.Array, keys_B: jax.Array) -> jax
   return jax.lax.stop_gradient(z * model.cfg.vae.scaling_factor)
 
 
-def _context(model: Imprint, obj_BHWC: jax.Array, keys_B: jax.Array, p_drop: float
+def _context(model: Imprint, batch: dict[str, jax.Array], keys_B: jax.Array, p_drop: float
              ) -> jax.Array:
-  """Object tokens, each sample replaced by the learned null context with probability p_drop
-  (classifier-free guidance)."""
-  ctx = model.encode_object(obj_BHWC)
+  """The object's cross-attention context, each sample replaced by the learned null context
+  with probability p_drop (classifier-free guidance). From the batch's precomputed DINOv2
+  tokens when it has them (stage 2, `data.object_tokens`), else from the object pixels."""
+  if "object_tokens" in batch:
+    ctx = model.adapter(batch["object_tokens"])
+  else:
+    ctx = model.encode_object(batch["object"])
   if p_drop <= 0:
     return ctx
   drop_B = jax.vmap(lambda k: jax.random.bernoulli(k, p_drop))(keys_B)
@@ -97,19 +101,19 @@ def stage1_loss(model: Imprint, batch: dict[str, jax.Array], keys_B: jax.Array,
   keys_B: one PRNG key per sample."""
   vae_keys, drop_keys, diff_keys = _split_keys(keys_B, 3)
   z0 = _encode_latents(model, batch["target"], vae_keys)
-  ctx = _context(model, batch["object"], drop_keys, cfg.embed_dropout)
+  ctx = _context(model, batch, drop_keys, cfg.embed_dropout)
   return _denoising_loss(model, z0, ctx, lambda x_t: x_t, diff_keys, cfg)
 
 
 def stage2_loss(model: Imprint, batch: dict[str, jax.Array], keys_B: jax.Array,
                 cfg: StepConfig) -> jax.Array:
-  """batch: object, target, mask (B, G, G, 1) in {0, 1}, masked_target (B, G, G, 3).
-  keys_B: one PRNG key per sample."""
+  """batch: object (or object_tokens (B, L, D)), target, mask (B, G, G, 1) in {0, 1},
+  masked_target (B, G, G, 3). keys_B: one PRNG key per sample."""
   vae_keys, bg_keys, drop_keys, diff_keys = _split_keys(keys_B, 4)
   z0 = _encode_latents(model, batch["target"], vae_keys)
   z_bg = _encode_latents(model, batch["masked_target"], bg_keys)
   m_lat = mask_to_latent(batch["mask"], vae_factor(model.cfg.vae))
-  ctx = _context(model, batch["object"], drop_keys, cfg.embed_dropout)
+  ctx = _context(model, batch, drop_keys, cfg.embed_dropout)
   return _denoising_loss(model, z0, ctx, lambda x_t: model.unet_input(x_t, z_bg, m_lat),
                          diff_keys, cfg)
 
