@@ -201,7 +201,10 @@ def encode(c: ml_collections.ConfigDict, out: str | os.PathLike, *, variants: in
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("encode-objects written")
   if proc == 0:
-    np.save(out / token_store.PROBE, probe)
+    tmp = out / _TMP / token_store.PROBE
+    tmp.parent.mkdir(exist_ok=True)
+    np.save(tmp, probe)
+    tmp.replace(out / token_store.PROBE)
     token_store.write_manifest(
         out, encoder_size=E, variants=variants, tokens=int(probe.shape[0]),
         width=int(probe.shape[1]), seed=int(c.seed),
