@@ -137,11 +137,6 @@ def axes(*names: str | None) -> dict[str, Any]:
   return {"out_sharding": tuple(names), "eager_sharding": False}
 
 
-class _Conv(nnx.Conv):
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return super().__call__(shard_batch(x))
-
-
 # Logical axes that the sharding rules split over 'tensor' (configs/common.py): a kernel whose
 # input axis is one of them is row-parallel (its input features arrive split).
 _TENSOR_PARALLEL_AXES = ("heads", "mlp")
@@ -188,10 +183,10 @@ def conv(in_features: int, out_features: int, kernel_size: int, *, dtype: Any,
     padding = ((kernel_size // 2, kernel_size // 2),) * 2
   kw = {"kernel_init": kernel_init or lecun_normal()}
   return _Conv(in_features, out_features, (kernel_size, kernel_size), strides=stride,
-                  padding=padding, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-                  rngs=rngs, kernel_metadata=axes(None, None, "conv_in", "conv_out"),
-                  bias_metadata=axes("conv_out"), conv_general_dilated=_conv_general_dilated,
-                  **kw)
+               padding=padding, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+               rngs=rngs, kernel_metadata=axes(None, None, "conv_in", "conv_out"),
+               bias_metadata=axes("conv_out"), conv_general_dilated=_conv_general_dilated,
+               **kw)
 
 
 # XLA's CPU convolution is ~10x slower than a matmul on feature maps of a few pixels (2x2:
@@ -443,8 +438,9 @@ def shard_batch(x: jax.Array) -> jax.Array:
 
   Used at block boundaries and on the inputs of every convolution and dense layer, except
   row-parallel dense layers (a ('heads'|'mlp', 'embed') kernel: attention output and MLP
-  output layers), whose outputs it constrains instead. Besides documenting the intended layout, it stops
-  the SPMD partitioner from choosing layouts that mix batch, fsdp and tensor sharding:
+  output layers), whose outputs it constrains instead. Besides documenting the intended
+  layout, it stops the SPMD partitioner from choosing layouts that mix batch, fsdp and tensor
+  sharding:
   without it, XLA (0.10.2, CPU; Shardy and GSPMD alike) computed a wrong UNet forward and
   wrong gradients on a data=2 x fsdp=2 x tensor=2 mesh. The known case: `x @ w` with x
   sharded P(('data', 'fsdp'), None, 'tensor'), w P('tensor', 'fsdp') (a ('heads'|'mlp',
