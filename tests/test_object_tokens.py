@@ -136,9 +136,7 @@ def test_loss_on_tokens_equals_loss_on_pixels(sources):
 
 
 def test_train_on_tokens(sources, encoded, tmp_path):
-  # No sample grid: the sampler encodes object pixels, the same with or without tokens
-  # (tests/test_train.py covers it); this keeps the test to one step compilation.
-  c = tiny(sources, **{"data.object_tokens": str(encoded), "sample_every": 0})
+  c = tiny(sources, **{"data.object_tokens": str(encoded)})
   result = loop.train(c, tmp_path)
   assert result.final_step == STEPS
   m = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -147,6 +145,8 @@ def test_train_on_tokens(sources, encoded, tmp_path):
   first, last = np.mean([loss[1], loss[2]]), np.mean([loss[STEPS - 1], loss[STEPS]])
   assert last < 0.85 * first, (first, last)  # measured: 1.23 -> 0.93
   assert any("val_loss" in r for r in m)
+  # The sampler encodes object pixels: validation batches of a token run must still carry them.
+  assert (tmp_path / "samples" / f"step_{STEPS:07d}.png").is_file()
 
 
 def test_bad_token_folders_fail_before_compiling(sources, encoded, tmp_path, monkeypatch):

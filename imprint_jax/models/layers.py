@@ -441,8 +441,8 @@ def shard_batch(x: jax.Array) -> jax.Array:
   output layers), whose outputs it constrains instead. Besides documenting the intended
   layout, it stops the SPMD partitioner from choosing layouts that mix batch, fsdp and tensor
   sharding: without it, XLA (0.10.2, CPU; Shardy and GSPMD alike) computed a wrong UNet
-  forward and wrong gradients on a data=2 x fsdp=2 x tensor=2 mesh. The known case: `x @ w` with x
-  sharded P(('data', 'fsdp'), None, 'tensor'), w P('tensor', 'fsdp') (a ('heads'|'mlp',
+  forward and wrong gradients on a data=2 x fsdp=2 x tensor=2 mesh. The known case: `x @ w`
+  with x sharded P(('data', 'fsdp'), None, 'tensor'), w P('tensor', 'fsdp') (a ('heads'|'mlp',
   'embed') kernel) and the result P(('data', 'fsdp'), None, 'tensor') is partitioned with a
   collective-permute of x that swaps batch shards 1 and 2 and is never undone, so those
   samples get each other's output. Constraining the result to P(('data', 'fsdp')) (features
