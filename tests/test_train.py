@@ -6,6 +6,7 @@ All runs use the tiny configs (configs/stage{1,2}.py:tiny) on the 8 virtual CPU 
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -258,6 +259,14 @@ def test_sigterm_then_resume_equals_uninterrupted(stage1_run, sources, tmp_path)
   assert sorted(got) == list(range(1, STEPS + 1))
   for s in range(1, STEPS + 1):
     assert got[s]["loss"] == ref[s]["loss"], (s, got[s]["loss"], ref[s]["loss"])
+
+
+def test_resume_into_another_optimizer_layout_fails_clearly(stage1_run, sources, tmp_path):
+  _, ref_dir, _ = stage1_run
+  shutil.copytree(Path(ref_dir) / ckpt_lib.CHECKPOINTS_DIR, tmp_path / ckpt_lib.CHECKPOINTS_DIR)
+  c = tiny(1, sources, **{"components.unet_decoder": None})  # no optimizer state for it now
+  with pytest.raises(UserError, match="does not fit this run's model and optimizer state"):
+    loop.train(c, tmp_path, resume=True)
 
 
 def _free_port() -> int:

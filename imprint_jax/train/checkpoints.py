@@ -17,6 +17,7 @@ from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from imprint_jax import checkpoint as ckpt_lib
+from imprint_jax.errors import UserError
 from imprint_jax.train import optim
 from imprint_jax.train.setup import Setup, full_model_state
 from imprint_jax.train.steps import TrainState
@@ -57,10 +58,15 @@ class RunCheckpoints:
                                          nnx.merge_state(shardings.params, shardings.frozen))
     model_target = nnx.to_pure_dict(model_abs)
     opt_target = ckpt_lib.abstract_arrays(abstract.opt_state, shardings.opt_state)
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        model=ocp.args.StandardRestore(model_target),
-        opt_state=ocp.args.StandardRestore(opt_target),
-        meta=ocp.args.JsonRestore()))
+    try:
+      restored = self.manager.restore(step, args=ocp.args.Composite(
+          model=ocp.args.StandardRestore(model_target),
+          opt_state=ocp.args.StandardRestore(opt_target),
+          meta=ocp.args.JsonRestore()))
+    except ValueError as e:  # orbax: "Structure mismatch: ..." (another model or optimizer)
+      raise UserError(f"{self.dir}: the checkpoint of step {step} does not fit this run's"
+                      " model and optimizer state (written by another config or an older"
+                      f" imprint-jax?): {str(e).splitlines()[0][:300]}") from None
     full = nnx.merge_state(abstract.params, abstract.frozen)
     nnx.replace_by_pure_dict(full, restored["model"])
     model = nnx.merge(setup.graphdef, full)

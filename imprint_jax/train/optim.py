@@ -16,16 +16,20 @@ A schedule is: linear warmup, then a value per phase (phase boundaries in steps)
 optional cosine decay over the whole run. IMPRINT's sequential collaborative training (stage 2)
 is two phases whose values are swapped between the adapter and the UNet; since the schedule is
 a function of the step count inside the optimizer state, the swap happens inside the compiled
-step with no recompilation. Each component's optimizer is wrapped in
-`optax.inject_hyperparams`, so the learning rate actually applied sits in the optimizer state
-(`applied_learning_rates`).
+step with no recompilation. Each component's AdamW state keeps the learning rate it applied
+last (`applied_learning_rates`).
+
+The update is optax's `clip_by_global_norm` followed by `adamw` per component, written as one
+elementwise expression per parameter (`fused_adamw`): the chain of optax transforms makes XLA
+materialise the clipped gradient and emit a separate kernel per transform for each of the
+model's hundreds of arrays. `tests/test_optim.py` checks it step for step against that chain.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -125,26 +129,87 @@ def trainable_filter(schedules: Mapping[str, Schedule | None]):
   return keep
 
 
+class AdamWState(NamedTuple):
+  """One component's AdamW state: its update count, the learning rate of its last update
+  (the schedule at count - 1; at count 0, the schedule's first value) and the moments."""
+  count: jax.Array
+  learning_rate: jax.Array
+  mu: Any
+  nu: Any
+
+
+def fused_adamw(learning_rate: optax.Schedule, *, b1: float, b2: float, eps: float,
+                weight_decay: float) -> optax.GradientTransformationExtraArgs:
+  """`optax.adamw` (bias-corrected moments, decoupled weight decay on every parameter) whose
+  update also takes the gradient-clipping factor, `grad_scale`, so that clipping, both moments,
+  the weight decay and the learning rate are one expression per parameter.
+
+  Same arithmetic as optax's `clip_by_global_norm` + `inject_hyperparams(adamw)`, in fewer and
+  fuller kernels (docs/performance.md, "optimizer").
+  """
+
+  def init(params):
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    return AdamWState(count=jnp.zeros([], jnp.int32),
+                      learning_rate=jnp.asarray(learning_rate(0), jnp.float32),
+                      mu=zeros, nu=jax.tree.map(jnp.zeros_like, params))
+
+  def update(grads, state, params=None, *, grad_scale=1.0, **extra):
+    del extra
+    if params is None:
+      raise ValueError("fused_adamw needs the parameters (weight decay)")
+    lr = jnp.asarray(learning_rate(state.count), jnp.float32)
+    count = optax.safe_increment(state.count)
+    bc1 = 1 - jnp.asarray(b1, jnp.float32) ** count
+    bc2 = 1 - jnp.asarray(b2, jnp.float32) ** count
+
+    def moment1(g, m):
+      return (1 - b1) * (g * grad_scale).astype(m.dtype) + b1 * m
+
+    def moment2(g, v):
+      return (1 - b2) * jnp.square((g * grad_scale).astype(v.dtype)) + b2 * v
+
+    mu = jax.tree.map(moment1, grads, state.mu)
+    nu = jax.tree.map(moment2, grads, state.nu)
+
+    def step(m, v, p):
+      u = (m / bc1) / (jnp.sqrt(v / bc2) + eps) + weight_decay * p
+      return (-lr * u).astype(p.dtype)
+
+    updates = jax.tree.map(step, mu, nu, params)
+    return updates, AdamWState(count=count, learning_rate=lr, mu=mu, nu=nu)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
 def make_optimizer(params: nnx.State, schedules: Mapping[str, Schedule | None], *,
                    boundaries: Sequence[int], total_steps: int, weight_decay: float,
                    b1: float, b2: float, eps: float, grad_clip: float
-                   ) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW per trained component with its own schedule."""
+                   ) -> optax.GradientTransformationExtraArgs:
+  """Global-norm clipping (off when `grad_clip` <= 0), then AdamW per trained component with
+  its own schedule: `fused_adamw` in an `optax.multi_transform`, whose state is the
+  optimizer state."""
   present = sorted({component_of(p) for p, _ in nnx.to_flat_state(params)})
   transforms = {}
   for name in present:
     sched = schedules.get(name)
     if sched is None:
       raise ValueError(f"trainable state holds parameters of frozen component {name}")
-    transforms[name] = optax.inject_hyperparams(optax.adamw)(
-        learning_rate=sched.fn(boundaries, total_steps), b1=b1, b2=b2, eps=eps,
-        weight_decay=weight_decay)
+    transforms[name] = fused_adamw(sched.fn(boundaries, total_steps), b1=b1, b2=b2, eps=eps,
+                                   weight_decay=weight_decay)
   labels = jax.tree_util.tree_map_with_path(
       lambda path, _: component_of(path), params)
-  chain = [optax.multi_transform(transforms, labels)]
-  if grad_clip and grad_clip > 0:
-    chain.insert(0, optax.clip_by_global_norm(grad_clip))
-  return optax.chain(*chain)
+  per_component = optax.multi_transform(transforms, labels)
+  clip = grad_clip if grad_clip and grad_clip > 0 else None
+
+  def update(grads, state, params=None, **extra):
+    scale = 1.0
+    if clip is not None:  # optax.clip_by_global_norm's factor
+      norm = optax.global_norm(grads)
+      scale = jnp.where(norm < clip, 1.0, clip / norm)
+    return per_component.update(grads, state, params, grad_scale=scale, **extra)
+
+  return optax.GradientTransformationExtraArgs(per_component.init, update)
 
 
 def applied_learning_rates(opt_state: Any) -> dict[str, jax.Array]:
@@ -154,8 +219,8 @@ def applied_learning_rates(opt_state: Any) -> dict[str, jax.Array]:
   def visit(s):
     if isinstance(s, optax.MultiTransformState):
       for name, inner in s.inner_states.items():
-        inner = getattr(inner, "inner_state", inner)
-        out[name] = inner.hyperparams["learning_rate"]
+        inner = getattr(inner, "inner_state", inner)  # inside optax.MaskedState
+        out[name] = inner.learning_rate
       return
     if isinstance(s, tuple):
       for x in s:
