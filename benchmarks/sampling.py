@@ -73,6 +73,7 @@ class JaxSampler:
     from flax import nnx
 
     from imprint_jax import generate
+    from imprint_jax.models import layers
     graphdef, state = nnx.split(model)
     self.state = jax.device_put(state, device)
     b = inputs["object"].shape[0]
@@ -86,7 +87,8 @@ class JaxSampler:
       return generate.decode_latent(m, z)
 
     t = time.perf_counter()
-    self.compiled = jax.jit(run).lower(self.state, *self.args, self.keys).compile()
+    self.compiled = jax.jit(run).lower(self.state, *self.args, self.keys).compile(
+        compiler_options=layers.compiler_options(device.platform))
     self.compile_s = time.perf_counter() - t
     self.planned_bytes = common.xla_planned_bytes(self.compiled)
 

@@ -458,7 +458,8 @@ def _runner(graphdef, mesh: Mesh, num_steps: int, sampler: str, prediction_type:
     return jnp.floor((x + 1.0) * 127.5 + 0.5).astype(jnp.uint8)
 
   fn = jax.jit(run, in_shardings=(repl, rows, rows, rows, rows, rows, repl),
-               out_shardings=rows)
+               out_shardings=rows,
+               compiler_options=layers.compiler_options(mesh.devices.flat[0].platform))
   _RUNNERS[key] = fn
   return fn
 

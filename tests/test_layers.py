@@ -7,6 +7,8 @@ the Pallas interpreter, alone and inside `shard_map` on a data x fsdp x tensor m
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,6 +113,35 @@ def test_conv_forms_agree(hw, kernel, padding):
   conv = layers.conv(16, 8, kernel, padding=padding, dtype=jnp.float32, rngs=nnx.Rngs(0))
   uses_im2col = "conv_general_dilated" not in str(jax.make_jaxpr(lambda x: conv(x))(x))
   assert uses_im2col == (hw * hw <= layers._IM2COL_MAX_PIXELS)
+
+
+def test_cpu_compiler_options_take_convolutions_off_ynnpack():
+  """The CPU options keep YNNPACK for dots and reductions and give convolutions to XLA's own
+  kernels (what `compiler_options` says it does, with the pinned jaxlib); none elsewhere."""
+  opts = layers.compiler_options("cpu")
+  assert opts and layers.compiler_options("gpu") is None and layers.compiler_options("tpu") is None
+  x = jnp.ones((2, 16, 16, 64))
+  k = jnp.ones((3, 3, 64, 64))
+  w = jnp.ones((64, 512))
+
+  def f(x, k, w):
+    y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y.reshape(-1, 64) @ w, jnp.max(y.reshape(2, -1), axis=-1)
+
+  lowered = jax.jit(f).lower(x, k, w)
+
+  def ynn_ops(compiled):  # {'conv_general_dilated': n, ...}: the ops inside YNNPACK fusions
+    ops = re.findall(r'kind=kCustom, calls=[^,]+, metadata=\{op_name="jit\(f\)/(\w+)"[^\n]*'
+                     r'"kind":"__ynn_fusion"', compiled.as_text())
+    return {op: ops.count(op) for op in ops}
+
+  default, ours = ynn_ops(lowered.compile()), ynn_ops(lowered.compile(compiler_options=opts))
+  # jaxlib's default: all three in YNNPACK; ours: dots and reductions
+  assert default == {"conv_general_dilated": 1, "dot_general": 1, "reduce_max": 1}
+  assert ours == {"dot_general": 1, "reduce_max": 1}
+  np.testing.assert_allclose(lowered.compile(compiler_options=opts)(x, k, w)[0],
+                             lowered.compile()(x, k, w)[0], rtol=1e-5)
 
 
 def test_cudnn_supported_follows_cudnn_limits():

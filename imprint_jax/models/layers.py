@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import logging
 import math
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -34,6 +35,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imprint_jax.errors import UserError
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -62,6 +65,37 @@ def compiling_for(name: str) -> contextlib.AbstractContextManager[None]:
   of time for TPU devices from a CPU host (`imprint-jax plan --topology`). JAX caches traces
   per function object and does not see this setting: trace a function not traced before."""
   return _setting(_PLATFORM, name)
+
+
+# XLA:CPU (jaxlib 0.10.2) hands dots, reductions and convolutions to YNNPACK by default. Its
+# 3x3 convolutions at 32-128 channels run at about half the speed of XLA's own (Eigen) ones on
+# this project's CPU shapes (e.g. (8, 32, 32, 64) -> 64: 6.2 vs 3.4 ms), so our compiled steps
+# keep YNNPACK for dots and reductions only: the stage-2 CPU step 627 -> 577 ms
+# (docs/performance.md).
+_CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
+                "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+def compiler_options(name: str | None = None) -> dict[str, str] | None:
+  """XLA options for compiling the model's steps for platform `name` (default: `platform()`),
+  for `jax.jit(..., compiler_options=...)` or `Lowered.compile`; None where there are none.
+  An XLA that does not know an option (another jaxlib) gets none, with a warning."""
+  if (name or platform()) != "cpu":
+    return None
+  return dict(_CPU_OPTIONS) if _cpu_options_accepted() else None
+
+
+@functools.cache
+def _cpu_options_accepted() -> bool:
+  try:
+    cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    x = jax.ShapeDtypeStruct((), jnp.float32, sharding=cpu)
+    jax.jit(lambda x: x + 1).lower(x).compile(compiler_options=_CPU_OPTIONS)
+    return True
+  except Exception as e:  # noqa: BLE001 - any refusal means: compile without them
+    log.warning("this XLA does not take the CPU compiler options %s (%s); compiling without",
+                _CPU_OPTIONS, str(e).splitlines()[0][:200])
+    return False
 
 
 def compute_dtype(name: str) -> Any:

@@ -148,13 +148,15 @@ def compile_steps(setup: setup_lib.Setup):
   # default backend when compiling for a TPU topology from a CPU host); activations' sharding
   # constraints refer to the mesh.
   with jax.set_mesh(setup.mesh), layers.compiling_for(target):
-    compiled = jitted.lower(abstract_state, batch_spec, rng_spec).compile()
+    compiled = jitted.lower(abstract_state, batch_spec, rng_spec).compile(
+        compiler_options=layers.compiler_options(target))
   log.info("compiled stage-%d step in %.1f s; %s", setup.stage, time.time() - t0,
            _memory_report(compiled))
   # One sharding for every batch entry: validation batches may carry more keys than the step's.
   eval_jit = jax.jit(make_eval_step(setup.stage, setup.graphdef, setup.step_cfg),
                      in_shardings=(setup.state_shardings, sharding.batch_sharding(setup.mesh),
-                                   repl), out_shardings=repl)
+                                   repl), out_shardings=repl,
+                     compiler_options=layers.compiler_options(target))
 
   def eval_fn(state, batch, rng):
     with jax.set_mesh(setup.mesh):
