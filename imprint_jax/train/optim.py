@@ -145,14 +145,14 @@ def fused_adamw(learning_rate: optax.Schedule, *, b1: float, b2: float, eps: flo
   the weight decay and the learning rate are one expression per parameter.
 
   Same arithmetic as optax's `clip_by_global_norm` + `inject_hyperparams(adamw)`, in fewer and
-  fuller kernels (docs/performance.md, "optimizer").
+  fuller kernels (docs/performance.md, "What changed on 2026-11-29").
   """
 
   def init(params):
-    zeros = jax.tree.map(jnp.zeros_like, params)
     return AdamWState(count=jnp.zeros([], jnp.int32),
                       learning_rate=jnp.asarray(learning_rate(0), jnp.float32),
-                      mu=zeros, nu=jax.tree.map(jnp.zeros_like, params))
+                      mu=jax.tree.map(jnp.zeros_like, params),
+                      nu=jax.tree.map(jnp.zeros_like, params))
 
   def update(grads, state, params=None, *, grad_scale=1.0, **extra):
     del extra
