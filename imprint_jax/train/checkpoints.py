@@ -63,10 +63,11 @@ class RunCheckpoints:
           model=ocp.args.StandardRestore(model_target),
           opt_state=ocp.args.StandardRestore(opt_target),
           meta=ocp.args.JsonRestore()))
-    except ValueError as e:  # orbax: "Structure mismatch: ..." (another model or optimizer)
+    except ValueError as e:  # orbax: the trees differ (another model or optimizer layout)
+      first_two = " ".join(line.strip() for line in str(e).splitlines()[:2])  # what, where
       raise UserError(f"{self.dir}: the checkpoint of step {step} does not fit this run's"
                       " model and optimizer state (written by another config or an older"
-                      f" imprint-jax?): {str(e).splitlines()[0][:300]}") from None
+                      f" imprint-jax?): {first_two[:300]}") from None
     full = nnx.merge_state(abstract.params, abstract.frozen)
     nnx.replace_by_pure_dict(full, restored["model"])
     model = nnx.merge(setup.graphdef, full)
