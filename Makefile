@@ -27,6 +27,7 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/networks.py
 	$(PY) benchmarks/sampling.py
 	$(PY) benchmarks/data_throughput.py
 

@@ -161,3 +161,12 @@ def test_train_step_main_smoke(capsys):
     assert r["flops"].total > 0
     assert all(abs(v) < 1e3 for v in r["losses"].values())
   assert "jax/torch" in capsys.readouterr().out
+
+
+def test_networks_main_smoke(capsys):
+  from benchmarks import networks
+  times = networks.main(["--scale", "tiny", "--repeats", "1", "--warmup", "0", "--stage", "1"])
+  assert list(times) == ["unet fwd+bwd", "vae encode", "dinov2 fwd+bwd", "adapter fwd+bwd"]
+  assert all(len(t[k]) == 1 and t[k][0] > 0 for t in times.values() for k in ("jax", "torch"))
+  out = capsys.readouterr().out
+  assert "jax/torch" in out and "dinov2 fwd+bwd" in out

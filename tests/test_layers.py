@@ -41,6 +41,18 @@ def test_cpu_attention_matches_xla():
     _close(a, b)
 
 
+def test_cpu_attention_bfloat16():
+  """bf16 inputs (a bf16 run on CPU): bf16 output and gradients, close to float32's."""
+  q, k, v = _qkv(l=64, s=20, h=4, d=8)
+  low = tuple(t.astype(jnp.bfloat16) for t in (q, k, v))
+  out = layers._attention_cpu(*low)
+  grads = jax.grad(_loss(layers._attention_cpu), (0, 1, 2))(*low)
+  assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+  _close(out.astype(jnp.float32), jax.nn.dot_product_attention(q, k, v), tol=2e-2)
+  for a, b in zip(grads, jax.grad(_loss(jax.nn.dot_product_attention), (0, 1, 2))(q, k, v)):
+    _close(a.astype(jnp.float32), b, tol=3e-2)
+
+
 def test_splash_attention_matches_xla():
   q, k, v = _qkv()
   splash = lambda q, k, v: layers._attention_splash(q, k, v, interpret=True)
