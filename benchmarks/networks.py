@@ -36,32 +36,32 @@ def jax_networks(mc, inputs: dict, stage: int, device) -> dict:
   from imprint_jax.models import layers
   from imprint_jax.models.imprint import Imprint
   put = lambda x: jax.device_put(x, device)
-  graph, params = nnx.split(Imprint(mc, rngs=nnx.Rngs(0)))
-  params = put(params)
+  model = Imprint(mc, rngs=nnx.Rngs(0))
+  # each network's own parameters, so gradients are taken of nothing else
+  split = {name: nnx.split(getattr(model, name)) for name in ("unet", "vae", "dinov2", "adapter")}
+  params = {name: put(p) for name, (_, p) in split.items()}
   x = {k: put(v) for k, v in inputs.items()}
-  net = lambda p: nnx.merge(graph, p)
+  net = lambda name, p: nnx.merge(split[name][0], p)
   options = layers.compiler_options(device.platform)
 
-  def compile_(fn, *args):
+  def compile_(fn, name):
     with layers.compiling_for(device.platform):
-      compiled = jax.jit(fn).lower(*args).compile(options)
-    return lambda: jax.block_until_ready(compiled(*args))
+      compiled = jax.jit(fn).lower(params[name]).compile(options)
+    return lambda: jax.block_until_ready(compiled(params[name]))
 
-  def unet_loss(p):
-    return jnp.mean(jnp.square(net(p).unet(x["latent"], x["t"], x["ctx"]).astype(jnp.float32)))
+  def mean_square(t):
+    return jnp.mean(jnp.square(t.astype(jnp.float32)))
 
-  def adapter_loss(p):
-    return jnp.mean(jnp.square(net(p).adapter(x["tokens"]).astype(jnp.float32)))
+  unet_loss = lambda p: mean_square(net("unet", p)(x["latent"], x["t"], x["ctx"]))
+  dinov2_loss = lambda p: mean_square(net("dinov2", p)(x["object"]))
+  adapter_loss = lambda p: mean_square(net("adapter", p)(x["tokens"]))
 
-  def dinov2_loss(p):
-    return jnp.mean(jnp.square(net(p).dinov2(x["object"]).astype(jnp.float32)))
-
-  out = {"unet fwd+bwd": compile_(jax.grad(unet_loss), params),
-         "vae encode": compile_(lambda p: net(p).vae.encode(x["target"])[0], params)}
+  out = {"unet fwd+bwd": compile_(jax.grad(unet_loss), "unet"),
+         "vae encode": compile_(lambda p: net("vae", p).encode(x["target"])[0], "vae")}
   out["dinov2 " + ("fwd+bwd" if stage == 1 else "fwd")] = (
-      compile_(jax.grad(dinov2_loss), params) if stage == 1
-      else compile_(lambda p: net(p).dinov2(x["object"]), params))
-  out["adapter fwd+bwd"] = compile_(jax.grad(adapter_loss), params)
+      compile_(jax.grad(dinov2_loss), "dinov2") if stage == 1
+      else compile_(lambda p: net("dinov2", p)(x["object"]), "dinov2"))
+  out["adapter fwd+bwd"] = compile_(jax.grad(adapter_loss), "adapter")
   return out
 
 

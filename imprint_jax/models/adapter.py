@@ -117,7 +117,7 @@ class Mlp(nnx.Module):
     self.fc2 = layers.dense(hidden, width, ("mlp", "embed"), dtype=dtype, rngs=rngs)
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x_BLD), approximate=False))
+    return self.fc2(layers.gelu(self.fc1(x_BLD)))
 
 
 class AdapterBlock(nnx.Module):

@@ -289,7 +289,7 @@ class Mlp(nnx.Module):
                             rngs=rngs, kernel_init=init)
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
-    return self.fc2(jax.nn.gelu(self.fc1(x_BLD), approximate=False))
+    return self.fc2(layers.gelu(self.fc1(x_BLD)))
 
 
 class SwiGLU(nnx.Module):

@@ -331,6 +331,13 @@ def _group_norm_dot(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int
   return (d_BLC * inv_BC[:, None, :] + bias).reshape(x.shape)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact GELU as torch computes it, x/2 (1 + erf(x/sqrt 2)). `jax.nn.gelu(approximate=False)`
+  goes through erfc, which XLA's CPU backend evaluates about half as fast (on (8, 69, 512),
+  2 threads: 0.38 vs 0.19 ms forward); a step of the CPU benchmark gains 1-2 ms per network."""
+  return x * 0.5 * (1 + jax.lax.erf(x * jnp.asarray(0.5 ** 0.5, x.dtype)))
+
+
 def attention(q_BLHD: jax.Array, k_BSHD: jax.Array, v_BSHD: jax.Array, *,
               upcast: bool = False) -> jax.Array:
   """Softmax attention, (B, L, H, D) layout, by platform (`platform()`):

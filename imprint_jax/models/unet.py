@@ -432,7 +432,7 @@ class FeedForward(nnx.Module):
 
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     h, gate = jnp.split(self.proj(x_BLD), 2, axis=-1)
-    return self.out(h * jax.nn.gelu(gate, approximate=False))
+    return self.out(h * layers.gelu(gate))
 
 
 class BasicTransformerBlock(nnx.Module):
