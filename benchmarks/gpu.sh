@@ -4,9 +4,11 @@
 #   bash benchmarks/gpu.sh [LOG_DIR]
 #
 # stage 2 at batch 8, stage 1 at batch 8, then stage 2's JAX step alone with XLA attention
-# everywhere (against the first run's cuDNN attention). Each runs in its own process, so each
-# framework's allocator starts empty; about 3.5 minutes each on an H200, most of it building
-# the JAX state and compiling the step. Stops at the first failure.
+# everywhere (against the first run's cuDNN attention), then stage 2's networks one by one
+# (benchmarks/networks.py; last, so a short device lease still gets the step figures). Each
+# runs in its own process, so each framework's allocator starts empty; about 3.5 minutes each
+# on an H200, most of it building the JAX state and compiling the step. Stops at the first
+# failure.
 #
 # The GPU machine's python3 must hold jax with CUDA, flax, optax, orbax and torch; packages it
 # lacks (diffusers, ml_collections) can travel as wheels in .whl/, which are installed into
@@ -31,3 +33,6 @@ bench() {  # NAME ARGS...: one benchmark process, its output also in LOG_DIR/NAM
 bench stage2 --stage 2 --batch 8 --repeats 4
 bench stage1 --stage 1 --batch 8 --repeats 4
 bench stage2_xla_attention --stage 2 --batch 8 --repeats 4 --gpu-attention xla --only jax
+echo "=== networks: benchmarks/networks.py --scale real --stage 2"
+python3 benchmarks/networks.py --scale real --stage 2 --batch 8 --repeats 4 2>&1 \
+  | tee "$log_dir/networks.log"
