@@ -101,7 +101,7 @@ def torch_networks(mc, inputs: dict, stage: int, device, dtype: str) -> dict:
   return out
 
 
-def random_inputs(mc, sc: common.Scale, stage: int, batch: int, seed: int) -> dict:
+def random_inputs(mc, sc: common.Scale, batch: int, seed: int) -> dict:
   """NHWC float32 numpy inputs of each network at the scale's sizes."""
   import numpy as np
 
@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
   batch = args.batch or sc.batch
   c = common.run_config(sc, args.stage, batch=batch, dtype=env.dtype, remat="none")
   mc = setup_lib.model_config(c)
-  inputs = random_inputs(mc, sc, args.stage, batch, args.seed)
+  inputs = random_inputs(mc, sc, batch, args.seed)
   print(f"scale {sc.name}, stage {args.stage}'s networks: batch {batch}, E={sc.encoder_size},"
         f" G={sc.generator_size}, dtype {env.dtype}; {args.warmup} warm-up + {args.repeats}"
         f" timed calls per network and framework, alternating\n", flush=True)
