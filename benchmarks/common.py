@@ -13,6 +13,10 @@ Fairness rules the benchmarks follow:
     (torch's intra-op pool). Default: every core the process may use.
   * alternation: JAX, torch, JAX, torch ... after warm-up, so a change of machine load hits
     both frameworks alike; medians are reported.
+  * the same process: `imprint_jax.cpu_runtime.configure()`, which the command line applies
+    too, makes glibc keep freed memory for the whole process, so torch's allocations get it as
+    well (its steps stop page-faulting like ours); IMPRINT_JAX_CPU_RUNTIME=default runs both
+    frameworks with the system's defaults.
 """
 
 from __future__ import annotations
@@ -48,9 +52,14 @@ PEAK_BF16_TFLOPS = (
 
 # ------------------------------------------------------------------------------ process set-up
 
+_cpu_runtime = "JAX started before the benchmark: its settings as they were"
+
+
 def single_jax_device() -> None:
-  """Makes JAX see one CPU device and allocate accelerator memory on demand (call before
-  importing JAX; no effect afterwards)."""
+  """Makes JAX see one CPU device and allocate accelerator memory on demand, and applies
+  `imprint_jax.cpu_runtime` as the command line does (call before importing JAX; no effect
+  afterwards)."""
+  global _cpu_runtime
   if "jax" in sys.modules:
     return
   flags = re.sub(r"--xla_force_host_platform_device_count=\S+", "",
@@ -59,17 +68,8 @@ def single_jax_device() -> None:
   # Both frameworks share one accelerator in one process: JAX must not take 75% of its memory
   # up front (the peaks reported are each allocator's own).
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-
-
-def jax_started() -> bool:
-  """True once a JAX backend exists (its CPU thread pool is then already sized)."""
-  if "jax" not in sys.modules:
-    return False
-  try:
-    from jax._src import xla_bridge
-    return bool(xla_bridge._backends)  # pylint: disable=protected-access
-  except Exception:  # noqa: BLE001 - private API: assume started
-    return True
+  from imprint_jax import cpu_runtime
+  _cpu_runtime = cpu_runtime.configure()
 
 
 def pin_threads(threads: int | None) -> int:
@@ -96,7 +96,8 @@ class Env:
 def setup(args) -> Env:
   """Pins the threads (before JAX starts), picks one JAX and one torch device and the compute
   dtype, and prints the header. `args` has the `add_common_flags` flags and --torch-device."""
-  started = jax_started()
+  from imprint_jax.cpu_runtime import jax_backends_started
+  started = jax_backends_started()
   threads = pin_threads(args.threads)
   import jax
   jax_device = jax.devices()[0]
@@ -284,6 +285,7 @@ def header(jax_device, torch_device, threads: int) -> str:
       f" {len(jax.devices())}); torch device: {torch_device}",
       f"host: {cpu_model()}, {os.cpu_count()} cores, {threads} used by each framework"
       f" (torch intra-op threads {torch.get_num_threads()}); load average {load_average()}",
+      f"process settings (imprint_jax.cpu_runtime, both frameworks): {_cpu_runtime}",
   ]
   return "\n".join(lines)
 

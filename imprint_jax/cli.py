@@ -7,6 +7,7 @@ Imports are lazy so that `plan` can set up virtual devices before JAX starts.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -241,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
   parser = build_parser()
   args = parser.parse_args(argv)
   try:
+    if args.command != "plan":  # plan sets JAX's environment itself and runs no steps
+      from imprint_jax import cpu_runtime
+      logging.getLogger(__name__).info("%s", cpu_runtime.configure())  # before JAX starts
     return int(args.func(args) or 0)
   except UserError as e:
     print(f"imprint-jax {args.command}: error: {e}", file=sys.stderr)

@@ -262,6 +262,8 @@ def main(argv=None) -> int:
   if args.fast:
     cfg = dataclasses.replace(cfg, groups=4, vae_steps=10, stage1_steps=8, stage2_steps=8,
                               eval_pairs=4, sample_steps=4)
+  from imprint_jax import cpu_runtime
+  runtime = cpu_runtime.configure()  # before JAX starts
   out = Path(args.out).absolute()
   out.mkdir(parents=True, exist_ok=True)
   timings = {}
@@ -271,6 +273,7 @@ def main(argv=None) -> int:
   c1 = run_config.load(str(REPO / "configs" / "stage1.py") + ":tiny")
   E, G = c1.data.encoder_size, c1.data.generator_size
 
+  _log(runtime)
   _log(f"1/6 synthetic datasets in their real layouts -> pair shards (E={E}, G={G})")
   t = time.time()
   folders = build_data(out / "data", cfg, E, G)

@@ -1,0 +1,110 @@
+"""Process settings that keep XLA:CPU from paying for fresh memory on every step (Linux).
+
+A compiled step's temporaries are one block (the CPU benchmark's stage-2 step: 279 MiB, the
+"temporaries" of `benchmarks/train_step.py`'s memory line). JAX's CPU client runs a
+computation on a worker thread by default, which glibc's malloc serves from a secondary arena.
+There, blocks above the mmap threshold (32 MiB at most) are mapped from the kernel when
+allocated and unmapped when freed, so every step faulted its temporaries back in page by page,
+each page zero-filled by the kernel: on the CPU benchmark's stage-2 step about 72,000 page
+faults (280 MiB) and 110-190 ms of system time per step (`getrusage` around single steps).
+
+Two settings remove that cost, and only together:
+
+  * `inline_cpu_dispatch`: JAX's CPU client runs single-device computations on the calling
+    thread (`jax_cpu_enable_async_dispatch=False`), whose allocations come from glibc's main
+    arena. It must be set before JAX creates its backends. It changes nothing for GPU or TPU
+    computations, nor for computations over several CPU devices (those stay asynchronous).
+  * `retain_freed_memory`: the main arena grows by `brk` instead of mapping large blocks
+    (`M_MMAP_MAX` = 0) and keeps freed memory instead of returning it to the kernel
+    (`M_TRIM_THRESHOLD` at its maximum), so the next step reuses the same pages. The
+    process's resident memory then stays at its peak. glibc only (a no-op elsewhere); it
+    applies to allocations made after the call.
+
+The stage-2 step of the CPU benchmark, one process per setting, each step timed alone
+(2026-11-29): default 508-552 ms with 72,000 page faults per step; inline dispatch alone and
+retained memory alone still 72,000; both 444-466 ms with under 120. The malloc setting is
+process-wide: in the benchmarks, which run torch in the same process, torch's steps stop
+page-faulting too (80-130 MiB per step before), so both frameworks gain about 10%
+(docs/performance.md).
+
+The command line (`imprint-jax`, except `plan`), the demo and the benchmarks call
+`configure()` before JAX starts; IMPRINT_JAX_CPU_RUNTIME=default in the environment keeps
+JAX's and glibc's defaults (to compare, or to have freed memory returned to the system).
+Library users who run on the CPU can call `configure()` at the top of their program.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import platform
+import sys
+
+from imprint_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters (malloc.h)
+_M_MMAP_MAX = -4
+_INT_MAX = 2**31 - 1
+_ASYNC = "jax_cpu_enable_async_dispatch"
+
+ENV = "IMPRINT_JAX_CPU_RUNTIME"  # 'default' turns both settings off (for comparisons)
+_retained = False
+
+
+def jax_backends_started() -> bool:
+  """True once JAX has created a backend (settings read at client creation no longer apply)."""
+  if "jax" not in sys.modules:
+    return False
+  try:
+    from jax._src import xla_bridge
+    return bool(xla_bridge._backends)  # pylint: disable=protected-access
+  except Exception:  # noqa: BLE001 - private API moved: assume started
+    return True
+
+
+def inline_cpu_dispatch() -> bool:
+  """Runs JAX's single-device CPU computations on the calling thread. True when set; False
+  (with a warning) when JAX's backends already exist and the setting can no longer apply.
+  Imports JAX: environment variables JAX reads at import (JAX_PLATFORMS) must be set first."""
+  import jax
+  if jax_backends_started():
+    asynchronous = jax.config.read(_ASYNC)
+    if asynchronous:
+      log.warning("JAX already started: its CPU computations stay asynchronous (call"
+                  " imprint_jax.cpu_runtime.configure() before using JAX)")
+    return not asynchronous
+  jax.config.update(_ASYNC, False)
+  return True
+
+
+def retain_freed_memory() -> bool:
+  """Makes glibc's malloc keep large freed blocks mapped for reuse. True when in effect."""
+  global _retained
+  if _retained:
+    return True
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return False
+  try:
+    mallopt = ctypes.CDLL(None).mallopt
+  except (OSError, AttributeError):
+    return False
+  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+  _retained = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
+  return _retained
+
+
+def configure() -> str:
+  """Both settings, unless the environment has IMPRINT_JAX_CPU_RUNTIME=default; returns a
+  one-line description of what is in effect (for logs and benchmark headers)."""
+  choice = os.environ.get(ENV, "tuned")
+  if choice not in ("tuned", "default"):
+    raise UserError(f"{ENV}={choice!r}: expected 'tuned' or 'default'")
+  if choice == "default":
+    return f"JAX's default CPU dispatch and malloc settings ({ENV}=default)"
+  inline = inline_cpu_dispatch()
+  retained = retain_freed_memory()
+  return (f"CPU dispatch {'inline' if inline else 'asynchronous'}, freed memory"
+          f" {'retained (glibc)' if retained else 'returned to the system'}")
