@@ -125,6 +125,29 @@ def test_no_optimizer_state_for_frozen_parameters(sources):
   assert 2 * n_trained <= n_opt < 2 * n_trained + 64
 
 
+def test_cpu_init_op_by_op_equals_one_jitted_program(sources):
+  """`setup._materialise` creates the CPU state op by op (fast to compile); the values must be
+  those of the single jitted program accelerators run, in the state's shardings (a 2x2x2 mesh
+  here). Bit for bit at XLA's default optimisation level (measured); the suite's
+  --xla_backend_optimization_level=0 rounds some of the jitted draws differently by one
+  float32 step (6e-8 at 0.4), hence the tolerance."""
+  c = tiny(2, sources, **{"init.encoder_from": ""})
+  c.allow_random_encoder = True
+  c.mesh = {"data": 2, "fsdp": 2, "tensor": 2}
+  setup = setup_lib.build(c, total_steps=STEPS, steps_per_epoch=STEPS)
+  state = setup_lib.init_state(setup)
+  jitted = jax.jit(lambda: setup_lib._random_model(setup))()
+  eager = setup_lib.full_model_state(state)
+  for part in ("dinov2", "adapter", "unet", "vae"):
+    a, b = _params(jitted, part), _params(eager, part)
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-12, err_msg=f"{part} {k}")
+  for leaf, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(setup.state_shardings)):
+    assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+  assert any(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state.params))
+
+
 def test_stage2_from_stage1_swaps_learning_rates(stage1_run, sources, tmp_path):
   _, stage1_dir, _ = stage1_run
   stage1_ckpt = ckpt_lib.resolve(stage1_dir)

@@ -7,7 +7,7 @@ models and never allocates the parameters.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -256,6 +256,20 @@ def _random_model(setup: Setup):
   return nnx.state(Imprint(setup.model_cfg, rngs=layers.init_rngs(setup.config.seed)), nnx.Param)
 
 
+def _materialise(setup: Setup, fn: Callable[[], Any], shardings: Any) -> Any:
+  """fn() (a pytree of arrays) created in `shardings`.
+
+  On accelerators and across processes: one jitted function, so each device creates only its
+  own shards. In a single CPU process: op by op, then placed. XLA:CPU compiles a whole
+  model's initialisation as one program slowly (the CPU benchmark's stage-2 state: 40 s of
+  compilation for 0.2 s of work; a tiny config: 10 s); op by op, each op compiled once per
+  shape, it takes 8 s and 0.6-5 s, with the same values (bit for bit at XLA's default
+  optimisation level; `tests/test_train.py`)."""
+  if setup.mesh.devices.flat[0].platform == "cpu" and jax.process_count() == 1:
+    return jax.device_put(fn(), shardings)
+  return jax.jit(fn, out_shardings=shardings)()
+
+
 def init_model(setup: Setup) -> nnx.State:
   """The parameters of all four networks as the run starts, in the model's shardings: a random
   init, then `init.checkpoint` (an `imprint-jax import` checkpoint: all four networks; a
@@ -263,8 +277,8 @@ def init_model(setup: Setup) -> nnx.State:
   of a stage-1 run)."""
   c = setup.config
   abstract_model = layers.abstract(lambda r: Imprint(setup.model_cfg, rngs=r))
-  state = jax.jit(lambda: _random_model(setup),
-                  out_shardings=_model_shardings(setup, abstract_model))()
+  state = _materialise(setup, lambda: _random_model(setup),
+                       _model_shardings(setup, abstract_model))
   if c.init.checkpoint:
     _restore_into(setup, c.init.checkpoint, ("dinov2", "adapter", "unet", "vae"), state,
                   "init.checkpoint")
@@ -275,8 +289,8 @@ def init_model(setup: Setup) -> nnx.State:
 
 def init_state(setup: Setup) -> TrainState:
   """The initial training state (`init_model`'s parameters and a fresh optimizer state),
-  materialised directly in its shardings. Without checkpoints the whole state is created by
-  one jitted function."""
+  in its shardings. Without checkpoints the whole state is created by
+  one function (`_materialise`)."""
   c = setup.config
   model_graphdef = nnx.graphdef(layers.abstract(lambda r: Imprint(setup.model_cfg, rngs=r)))
   trainable = optim.trainable_filter(setup.schedules)
@@ -289,8 +303,7 @@ def init_state(setup: Setup) -> TrainState:
                       opt_state=tx.init(params))
 
   if not (c.init.checkpoint or c.init.encoder_from):
-    return jax.jit(lambda: assemble(_random_model(setup)),
-                   out_shardings=setup.state_shardings)()
+    return _materialise(setup, lambda: assemble(_random_model(setup)), setup.state_shardings)
   return jax.jit(assemble, out_shardings=setup.state_shardings, donate_argnums=0)(
       init_model(setup))
 
