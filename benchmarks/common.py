@@ -13,10 +13,10 @@ Fairness rules the benchmarks follow:
     (torch's intra-op pool). Default: every core the process may use.
   * alternation: JAX, torch, JAX, torch ... after warm-up, so a change of machine load hits
     both frameworks alike; medians are reported.
-  * the same process: `imprint_jax.cpu_runtime.configure()`, which the command line applies
-    too, makes glibc keep freed memory for the whole process, so torch's allocations get it as
-    well (its steps stop page-faulting like ours); IMPRINT_JAX_CPU_RUNTIME=default runs both
-    frameworks with the system's defaults.
+  * the same process: `imprint_jax.cpu_runtime`, which the command line applies too, makes
+    glibc keep freed memory for the whole process on a CPU run, so torch's allocations get it
+    as well (its steps stop page-faulting like ours); IMPRINT_JAX_CPU_RUNTIME=default runs
+    both frameworks with the system's defaults.
 """
 
 from __future__ import annotations
@@ -101,9 +101,11 @@ def setup(args) -> Env:
   threads = pin_threads(args.threads)
   import jax
   jax_device = jax.devices()[0]
+  from imprint_jax import cpu_runtime
+  retained = cpu_runtime.on_platform(jax_device.platform)
   torch_dev = torch_device(args.torch_device)
   dtype = args.dtype or ("float32" if jax_device.platform == "cpu" else "bfloat16")
-  print(header(jax_device, torch_dev, threads))
+  print(header(jax_device, torch_dev, threads, retained))
   if started and args.threads:
     print("note: JAX was already running; its thread pool keeps its size (affinity still"
           " limits the cores)")
@@ -269,7 +271,7 @@ def load_average() -> str:
   return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
 
 
-def header(jax_device, torch_device, threads: int) -> str:
+def header(jax_device, torch_device, threads: int, retained: bool = False) -> str:
   """Versions, devices and machine load, for the top of a report."""
   import diffusers
   import flax
@@ -285,7 +287,8 @@ def header(jax_device, torch_device, threads: int) -> str:
       f" {len(jax.devices())}); torch device: {torch_device}",
       f"host: {cpu_model()}, {os.cpu_count()} cores, {threads} used by each framework"
       f" (torch intra-op threads {torch.get_num_threads()}); load average {load_average()}",
-      f"process settings (imprint_jax.cpu_runtime, both frameworks): {_cpu_runtime}",
+      f"process settings (imprint_jax.cpu_runtime, both frameworks): {_cpu_runtime};"
+      f" freed memory {'retained' if retained else 'returned to the system'} in this run",
   ]
   return "\n".join(lines)
 

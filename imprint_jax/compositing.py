@@ -54,7 +54,7 @@ from scipy import ndimage
 
 from data_prep import crops
 from imprint_jax import checkpoint as ckpt_lib
-from imprint_jax import generate, sampling
+from imprint_jax import cpu_runtime, generate, sampling
 from imprint_jax.data import masks as masks_lib
 from imprint_jax.data.pipeline import normalize_object, normalize_target
 from imprint_jax.errors import UserError
@@ -457,9 +457,10 @@ def _runner(graphdef, mesh: Mesh, num_steps: int, sampler: str, prediction_type:
     x = generate.decode_latent(model, z)
     return jnp.floor((x + 1.0) * 127.5 + 0.5).astype(jnp.uint8)
 
+  target = mesh.devices.flat[0].platform
+  cpu_runtime.on_platform(target)
   fn = jax.jit(run, in_shardings=(repl, rows, rows, rows, rows, rows, repl),
-               out_shardings=rows,
-               compiler_options=layers.compiler_options(mesh.devices.flat[0].platform))
+               out_shardings=rows, compiler_options=layers.compiler_options(target))
   _RUNNERS[key] = fn
   return fn
 

@@ -17,8 +17,9 @@ Two settings remove that cost, and only together:
   * `retain_freed_memory`: the main arena grows by `brk` instead of mapping large blocks
     (`M_MMAP_MAX` = 0) and keeps freed memory instead of returning it to the kernel
     (`M_TRIM_THRESHOLD` at its maximum), so the next step reuses the same pages. The
-    process's resident memory then stays at its peak. glibc only (a no-op elsewhere); it
-    applies to allocations made after the call.
+    process's resident memory then stays at its peak. A call now and then still grows the
+    heap, and faults in the new pages, when other allocations took the freed block's place.
+    glibc only (a no-op elsewhere); it applies to allocations made after the call.
 
 The stage-2 step of the CPU benchmark, one process per setting, each step timed alone
 (2026-11-29): default 508-552 ms with 72,000 page faults per step; inline dispatch alone and
@@ -28,9 +29,11 @@ page-faulting too (80-130 MiB per step before), so both frameworks gain about 10
 (docs/performance.md).
 
 The command line (`imprint-jax`, except `plan`), the demo and the benchmarks call
-`configure()` before JAX starts; IMPRINT_JAX_CPU_RUNTIME=default in the environment keeps
-JAX's and glibc's defaults (to compare, or to have freed memory returned to the system).
-Library users who run on the CPU can call `configure()` at the top of their program.
+`configure()` before JAX starts, and the places that compile steps (`train.loop`,
+`compositing`, the benchmarks) call `on_platform()`, which retains freed memory only when
+the steps are for the CPU. IMPRINT_JAX_CPU_RUNTIME=default in the environment keeps JAX's
+and glibc's defaults (to compare, or to have freed memory returned to the system). Library
+users who run on the CPU can call `configure()` at the top of their program.
 """
 
 from __future__ import annotations
@@ -51,7 +54,8 @@ _INT_MAX = 2**31 - 1
 _ASYNC = "jax_cpu_enable_async_dispatch"
 
 ENV = "IMPRINT_JAX_CPU_RUNTIME"  # 'default' turns both settings off (for comparisons)
-_retained = False
+_wanted = False    # configure() ran (and was not turned off)
+_retained = False  # retain_freed_memory() is in effect
 
 
 def jax_backends_started() -> bool:
@@ -97,14 +101,25 @@ def retain_freed_memory() -> bool:
 
 
 def configure() -> str:
-  """Both settings, unless the environment has IMPRINT_JAX_CPU_RUNTIME=default; returns a
-  one-line description of what is in effect (for logs and benchmark headers)."""
+  """Inline CPU dispatch now, and freed memory retained once a computation is compiled for the
+  CPU (`on_platform`), unless the environment has IMPRINT_JAX_CPU_RUNTIME=default. Returns a
+  one-line description (for logs and benchmark headers)."""
+  global _wanted
   choice = os.environ.get(ENV, "tuned")
   if choice not in ("tuned", "default"):
     raise UserError(f"{ENV}={choice!r}: expected 'tuned' or 'default'")
   if choice == "default":
     return f"JAX's default CPU dispatch and malloc settings ({ENV}=default)"
+  _wanted = True
   inline = inline_cpu_dispatch()
-  retained = retain_freed_memory()
-  return (f"CPU dispatch {'inline' if inline else 'asynchronous'}, freed memory"
-          f" {'retained (glibc)' if retained else 'returned to the system'}")
+  return (f"CPU dispatch {'inline' if inline else 'asynchronous'}; glibc keeps freed memory"
+          " in CPU runs")
+
+
+def on_platform(platform_name: str) -> bool:
+  """Where steps are compiled: retains freed memory if `configure()` ran and the steps are
+  for the CPU (GPU and TPU hosts keep glibc's defaults: nothing to gain there). True when
+  memory is retained."""
+  if _wanted and platform_name == "cpu":
+    return retain_freed_memory()
+  return _retained

@@ -263,7 +263,8 @@ def main(argv=None) -> int:
     cfg = dataclasses.replace(cfg, groups=4, vae_steps=10, stage1_steps=8, stage2_steps=8,
                               eval_pairs=4, sample_steps=4)
   from imprint_jax import cpu_runtime
-  runtime = cpu_runtime.configure()  # before JAX starts
+  runtime = cpu_runtime.configure()  # before JAX starts; the demo's own steps run on the CPU
+  cpu_runtime.on_platform(os.environ["JAX_PLATFORMS"].split(",")[0])
   out = Path(args.out).absolute()
   out.mkdir(parents=True, exist_ok=True)
   timings = {}

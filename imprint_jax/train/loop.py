@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from imprint_jax import cpu_runtime
 from imprint_jax.data import token_store
 from imprint_jax.errors import UserError
 from imprint_jax.models import layers
@@ -144,6 +145,7 @@ def compile_steps(setup: setup_lib.Setup):
                    out_shardings=(setup.state_shardings, repl), donate_argnums=0)
   t0 = time.time()
   target = setup.mesh.devices.flat[0].platform
+  cpu_runtime.on_platform(target)
   # The mesh's platform picks the model's attention/GroupNorm forms (it differs from JAX's
   # default backend when compiling for a TPU topology from a CPU host); activations' sharding
   # constraints refer to the mesh.
