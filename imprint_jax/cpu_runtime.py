@@ -22,11 +22,11 @@ Two settings remove that cost, and only together:
     glibc only (a no-op elsewhere); it applies to allocations made after the call.
 
 The stage-2 step of the CPU benchmark, one process per setting, each step timed alone
-(2026-11-29): default 508-552 ms with 72,000 page faults per step; inline dispatch alone and
-retained memory alone still 72,000; both 444-466 ms with under 120. The malloc setting is
-process-wide: in the benchmarks, which run torch in the same process, torch's steps stop
-page-faulting too (80-130 MiB per step before), so both frameworks gain about 10%
-(docs/performance.md).
+(2026-11-29): default 508-552 ms (one step of six 710) with 72,000 page faults per step;
+inline dispatch alone and retained memory alone still 72,000; both 444-466 ms with under 120.
+The malloc setting is process-wide: in the benchmarks, which run torch in the same process,
+torch's steps stop page-faulting too (80-130 MiB per step before), so both frameworks gain
+about 10% (docs/performance.md).
 
 The command line (`imprint-jax`, except `plan`), the demo and the benchmarks call
 `configure()` before JAX starts, and the places that compile steps (`train.loop`,
