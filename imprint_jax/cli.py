@@ -230,7 +230,12 @@ def _add_evaluate(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="imprint-jax", description="IMPRINT generative object"
                                    " compositing in JAX: import weights, prepare data, train,"
-                                   " composite, export.")
+                                   " composite, export.",
+                                   epilog="On the CPU every command but plan runs JAX's"
+                                   " computations on the calling thread and keeps freed memory"
+                                   " for reuse (imprint_jax/cpu_runtime.py);"
+                                   " IMPRINT_JAX_CPU_RUNTIME=default keeps JAX's and glibc's"
+                                   " defaults.")
   sub = parser.add_subparsers(dest="command", required=True)
   for add in (_add_import, _add_export, _add_prepare, _add_train, _add_encode_objects,
               _add_plan, _add_composite, _add_evaluate):

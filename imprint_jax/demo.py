@@ -346,4 +346,9 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+  from imprint_jax.errors import UserError
+  try:
+    sys.exit(main())
+  except UserError as e:
+    print(f"imprint-jax demo: error: {e}", file=sys.stderr)
+    sys.exit(UserError.exit_code)
