@@ -39,7 +39,7 @@ def jax_networks(mc, inputs: dict, stage: int, device) -> dict:
   model = Imprint(mc, rngs=nnx.Rngs(0))
   # each network's own parameters, so gradients are taken of nothing else
   split = {name: nnx.split(getattr(model, name)) for name in ("unet", "vae", "dinov2", "adapter")}
-  params = {name: put(p) for name, (_, p) in split.items()}
+  params = {name: put(nnx.to_pure_dict(p)) for name, (_, p) in split.items()}  # as in training
   x = {k: put(v) for k, v in inputs.items()}
   net = lambda name, p: nnx.merge(split[name][0], p)
   options = layers.compiler_options(device.platform)

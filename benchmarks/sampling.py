@@ -75,7 +75,7 @@ class JaxSampler:
     from imprint_jax import generate
     from imprint_jax.models import layers
     graphdef, state = nnx.split(model)
-    self.state = jax.device_put(state, device)
+    self.state = jax.device_put(nnx.to_pure_dict(state), device)  # as imprint_jax.compositing
     b = inputs["object"].shape[0]
     self.args = [jax.device_put(inputs[k], device) for k in ("object", "background", "mask")]
     self.keys = jax.device_put(jax.vmap(jax.random.PRNGKey)(jnp.arange(b)), device)

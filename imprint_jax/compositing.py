@@ -519,7 +519,8 @@ class Compositor:
       graphdef = _graphdef_for(cfg)
     self.graphdef = graphdef
     self.mesh = Mesh(np.array(list(devices or jax.local_devices())), ("batch",))
-    self.state = jax.device_put(state, NamedSharding(self.mesh, P()))
+    # plain dicts: JAX flattens them in C++ on every call (nnx.Variables: one Python call each)
+    self.state = jax.device_put(nnx.to_pure_dict(state), NamedSharding(self.mesh, P()))
 
   @classmethod
   def from_checkpoint(cls, path: str | os.PathLike, *, dtype: str | None = None,

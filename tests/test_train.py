@@ -70,7 +70,7 @@ def losses(workdir) -> dict[int, float]:
   return out
 
 
-def _params(state: nnx.State, part: str) -> dict:
+def _params(state: dict, part: str) -> dict:
   return {p: np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(state[part])}
 
 
@@ -102,7 +102,7 @@ def test_stage1_learns_and_keeps_frozen_parts(stage1_run):
   setup = setup_lib.build(c, total_steps=STEPS, steps_per_epoch=STEPS)
   init = setup_lib.full_model_state(setup_lib.init_state(setup))
   final, _ = ckpt_lib.load_model(ckpt_lib.resolve(workdir, which="latest"))
-  final = nnx.state(final, nnx.Param)
+  final = nnx.to_pure_dict(nnx.state(final, nnx.Param))
   _assert_identical(_params(init, "vae"), _params(final, "vae"), "VAE")
   init_unet, final_unet = _params(init, "unet"), _params(final, "unet")
   rest = [k for k in init_unet if optim.component_of(("unet",) + k) == "unet_rest"]
@@ -125,6 +125,19 @@ def test_no_optimizer_state_for_frozen_parameters(sources):
   assert 2 * n_trained <= n_opt < 2 * n_trained + 64
 
 
+def test_state_holds_no_nnx_objects(sources):
+  """The step's state is plain dicts of arrays (an nnx.Variable leaf costs a Python call per
+  step each time the state is flattened or rebuilt; see steps.TrainState)."""
+  setup = setup_lib.build(tiny(1, sources), total_steps=STEPS, steps_per_epoch=STEPS)
+  nnx_types = (nnx.Variable, nnx.State)
+  for tree in (setup.abstract_state, setup.state_shardings):
+    found = [x for x in jax.tree.leaves(tree, is_leaf=lambda x: isinstance(x, nnx_types))
+             if isinstance(x, nnx_types)]
+    assert not found, type(found[0])
+  assert type(setup.abstract_state.params) is dict and setup.abstract_state.params
+  assert type(setup.abstract_state.frozen["vae"]) is dict
+
+
 def test_cpu_init_op_by_op_equals_one_jitted_program(sources):
   """`setup._materialise` creates the CPU state op by op (fast to compile); the values must be
   those of the single jitted program accelerators run, in the state's shardings (a 2x2x2 mesh
@@ -136,7 +149,7 @@ def test_cpu_init_op_by_op_equals_one_jitted_program(sources):
   c.mesh = {"data": 2, "fsdp": 2, "tensor": 2}
   setup = setup_lib.build(c, total_steps=STEPS, steps_per_epoch=STEPS)
   state = setup_lib.init_state(setup)
-  jitted = jax.jit(lambda: setup_lib._random_model(setup))()
+  jitted = nnx.to_pure_dict(jax.jit(lambda: setup_lib._random_model(setup))())
   eager = setup_lib.full_model_state(state)
   for part in ("dinov2", "adapter", "unet", "vae"):
     a, b = _params(jitted, part), _params(eager, part)
@@ -173,7 +186,7 @@ def test_stage2_from_stage1_swaps_learning_rates(stage1_run, sources, tmp_path):
   s1, _ = ckpt_lib.load_model(stage1_ckpt)
   s2, meta = ckpt_lib.load_model(tmp_path)
   assert meta["stage"] == 2 and s2.cfg.unet.in_channels == 9
-  s1, s2 = nnx.state(s1, nnx.Param), nnx.state(s2, nnx.Param)
+  s1, s2 = (nnx.to_pure_dict(nnx.state(s, nnx.Param)) for s in (s1, s2))
   _assert_identical(_params(s1, "dinov2"), _params(s2, "dinov2"), "DINOv2")
   _assert_identical(_params(s1, "vae"), _params(s2, "vae"), "VAE")
   a1, a2 = _params(s1, "adapter"), _params(s2, "adapter")

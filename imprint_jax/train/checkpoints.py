@@ -13,14 +13,12 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
-from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from imprint_jax import checkpoint as ckpt_lib
 from imprint_jax.errors import UserError
-from imprint_jax.train import optim
 from imprint_jax.train.setup import Setup, full_model_state
-from imprint_jax.train.steps import TrainState
+from imprint_jax.train.steps import TrainState, select_like
 
 
 class RunCheckpoints:
@@ -43,7 +41,7 @@ class RunCheckpoints:
   def save(self, state: TrainState, meta: dict[str, Any], *, val_loss: float | None = None,
            force: bool = False) -> None:
     step = int(meta["step"])
-    model = nnx.to_pure_dict(full_model_state(state))
+    model = full_model_state(state)
     metrics = None if val_loss is None else {"val_loss": float(val_loss)}
     self.manager.save(step, args=ocp.args.Composite(
         model=ocp.args.StandardSave(model),
@@ -54,9 +52,8 @@ class RunCheckpoints:
     """The state at `step` (default: latest) in the run's shardings, and its metadata."""
     step = self.latest_step() if step is None else step
     abstract, shardings = setup.abstract_state, setup.state_shardings
-    model_abs = ckpt_lib.abstract_arrays(nnx.merge_state(abstract.params, abstract.frozen),
-                                         nnx.merge_state(shardings.params, shardings.frozen))
-    model_target = nnx.to_pure_dict(model_abs)
+    model_target = ckpt_lib.abstract_arrays(full_model_state(abstract),
+                                            full_model_state(shardings))
     opt_target = ckpt_lib.abstract_arrays(abstract.opt_state, shardings.opt_state)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -68,13 +65,12 @@ class RunCheckpoints:
       raise UserError(f"{self.dir}: the checkpoint of step {step} does not fit this run's"
                       " model and optimizer state (written by another config or an older"
                       f" imprint-jax?): {first_two[:300]}") from None
-    full = nnx.merge_state(abstract.params, abstract.frozen)
-    nnx.replace_by_pure_dict(full, restored["model"])
-    model = nnx.merge(setup.graphdef, full)
-    _, params, frozen = nnx.split(model, optim.trainable_filter(setup.schedules), ...)
+    model = restored["model"]
     meta = restored["meta"]
     state = TrainState(step=jax.device_put(jax.numpy.int32(meta["step"]), shardings.step),
-                       params=params, frozen=frozen, opt_state=restored["opt_state"])
+                       params=select_like(model, abstract.params),
+                       frozen=select_like(model, abstract.frozen),
+                       opt_state=restored["opt_state"])
     return state, meta
 
   def wait(self) -> None:

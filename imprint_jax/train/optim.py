@@ -182,14 +182,14 @@ def fused_adamw(learning_rate: optax.Schedule, *, b1: float, b2: float, eps: flo
   return optax.GradientTransformationExtraArgs(init, update)
 
 
-def make_optimizer(params: nnx.State, schedules: Mapping[str, Schedule | None], *,
+def make_optimizer(params: Any, schedules: Mapping[str, Schedule | None], *,
                    boundaries: Sequence[int], total_steps: int, weight_decay: float,
                    b1: float, b2: float, eps: float, grad_clip: float
                    ) -> optax.GradientTransformationExtraArgs:
   """Global-norm clipping (off when `grad_clip` <= 0), then AdamW per trained component with
   its own schedule: `fused_adamw` in an `optax.multi_transform`, whose state is the
   optimizer state."""
-  present = sorted({component_of(p) for p, _ in nnx.to_flat_state(params)})
+  present = sorted({component_of(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)})
   transforms = {}
   for name in present:
     sched = schedules.get(name)
@@ -197,8 +197,9 @@ def make_optimizer(params: nnx.State, schedules: Mapping[str, Schedule | None], 
       raise ValueError(f"trainable state holds parameters of frozen component {name}")
     transforms[name] = fused_adamw(sched.fn(boundaries, total_steps), b1=b1, b2=b2, eps=eps,
                                    weight_decay=weight_decay)
-  labels = jax.tree_util.tree_map_with_path(
-      lambda path, _: component_of(path), params)
+  def labels(params):  # a function: the state's plain dicts and nnx.State get the same labels
+    return jax.tree_util.tree_map_with_path(lambda path, _: component_of(path), params)
+
   per_component = optax.multi_transform(transforms, labels)
   clip = grad_clip if grad_clip and grad_clip > 0 else None
 

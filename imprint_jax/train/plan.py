@@ -20,7 +20,6 @@ import time
 
 import jax
 import ml_collections
-from flax import nnx
 
 from imprint_jax.errors import UserError
 from imprint_jax.train import setup as setup_lib
@@ -82,8 +81,8 @@ def plan(config: ml_collections.ConfigDict, mesh: dict[str, int], devices=None) 
   c.allow_random_encoder = True
   s = setup_lib.build(c, total_steps=10_000, steps_per_epoch=1_000, devices=devices)
   st, sh = s.abstract_state, s.state_shardings
-  params_bytes = sharding.bytes_per_device(nnx.merge_state(st.params, st.frozen),
-                                           nnx.merge_state(sh.params, sh.frozen))
+  params_bytes = sharding.bytes_per_device(setup_lib.full_model_state(st),
+                                           setup_lib.full_model_state(sh))
   opt_bytes = sharding.bytes_per_device(st.opt_state, sh.opt_state)
   batch = s.batch_spec(c.train.global_batch)
   batch_bytes = sum(v.sharding.shard_shape(v.shape)[0] * v.size // v.shape[0] * 4
@@ -104,7 +103,7 @@ def plan(config: ml_collections.ConfigDict, mesh: dict[str, int], devices=None) 
     pass
   return Plan(mesh=dict(zip(sharding.MESH_AXES, (s.mesh.shape[a] for a in sharding.MESH_AXES))),
               global_batch=c.train.global_batch,
-              params_total=_count(nnx.merge_state(st.params, st.frozen)),
+              params_total=_count(setup_lib.full_model_state(st)),
               trainable_total=_count(st.params), params_bytes=params_bytes,
               opt_bytes=opt_bytes, batch_bytes=batch_bytes, temp_bytes=temp, flops=flops,
               compile_s=compile_s, target=_target(s.mesh))

@@ -29,7 +29,7 @@ from imprint_jax.models.imprint import Imprint, ImprintConfig
 from imprint_jax.models.unet import UNetConfig, widen_conv_in
 from imprint_jax.models.vae import VAEConfig
 from imprint_jax.train import optim, sharding
-from imprint_jax.train.steps import StepConfig, TrainState
+from imprint_jax.train.steps import StepConfig, TrainState, merge_parts
 
 # What the step needs from a batch (the pipeline also yields ids kept on the host).
 MODEL_KEYS = {1: ("object", "target"), 2: ("object", "target", "mask", "masked_target")}
@@ -196,10 +196,17 @@ def build(c: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: in
   tx = optim.make_optimizer(params, schedules, boundaries=boundaries, total_steps=total_steps,
                             weight_decay=c.train.weight_decay, b1=c.train.b1, b2=c.train.b2,
                             eps=c.train.eps, grad_clip=c.train.grad_clip)
-  opt_state = jax.eval_shape(tx.init, params)
-  abstract_state = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                              frozen=frozen, opt_state=opt_state)
-  state_shardings = sharding.tree_shardings(abstract_state, mesh, rules)
+  # Shardings come from the Variables' logical axes; the state itself is plain dicts.
+  step = jax.ShapeDtypeStruct((), jnp.int32)
+  state_shardings = sharding.values(sharding.tree_shardings(
+      TrainState(step=step, params=params, frozen=frozen,
+                 opt_state=jax.eval_shape(tx.init, params)), mesh, rules))
+  params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
+  abstract_state = TrainState(step=step, params=params, frozen=frozen,
+                              opt_state=jax.eval_shape(tx.init, params))
+  if jax.tree.structure(abstract_state) != jax.tree.structure(state_shardings):
+    raise AssertionError("the optimizer state of plain parameters is laid out differently from"
+                         " that of nnx parameters")
   return Setup(config=c, model_cfg=model_cfg, mesh=mesh, rules=rules, schedules=schedules,
                tx=tx, graphdef=graphdef, abstract_state=abstract_state,
                state_shardings=state_shardings, step_cfg=step_cfg, total_steps=total_steps,
@@ -299,6 +306,7 @@ def init_state(setup: Setup) -> TrainState:
   def assemble(full):
     model = nnx.merge(model_graphdef, full)
     _, params, frozen = nnx.split(model, trainable, ...)
+    params, frozen = nnx.to_pure_dict(params), nnx.to_pure_dict(frozen)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen=frozen,
                       opt_state=tx.init(params))
 
@@ -308,6 +316,7 @@ def init_state(setup: Setup) -> TrainState:
       init_model(setup))
 
 
-def full_model_state(state: TrainState) -> nnx.State:
-  """Trained + frozen parameters as one state of `Imprint` (what checkpoints store)."""
-  return nnx.merge_state(state.params, state.frozen)
+def full_model_state(state: TrainState) -> dict:
+  """Trained + frozen parameters as one nested dict of `Imprint`'s state (what checkpoints
+  store)."""
+  return merge_parts(state.params, state.frozen)

@@ -118,6 +118,16 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]]) -> A
   return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def values(tree: Any) -> Any:
+  """`tree` with each nnx.State as plain nested dicts and each nnx.Variable as its value."""
+  def one(x):
+    if isinstance(x, nnx.State):
+      return nnx.to_pure_dict(x)
+    return x.get_value() if isinstance(x, nnx.Variable) else x
+
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, (nnx.State, nnx.Variable)))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
