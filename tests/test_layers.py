@@ -156,6 +156,17 @@ def test_cpu_compiler_options_take_convolutions_off_ynnpack():
                              lowered.compile()(x, k, w)[0], rtol=1e-5)
 
 
+def test_cpu_compiler_options_under_a_multi_device_mesh():
+  """The trainer asks for the options inside its mesh (8 devices here); the one-device probe
+  behind them must not fail there (it did, and the CPU steps compiled without them)."""
+  layers._cpu_options_accepted.cache_clear()
+  try:
+    with jax.set_mesh(jax.sharding.Mesh(np.array(jax.devices()), ("d",))):
+      assert layers.compiler_options("cpu") == dict(layers._CPU_OPTIONS)
+  finally:
+    layers._cpu_options_accepted.cache_clear()
+
+
 def test_cudnn_supported_follows_cudnn_limits():
   q = lambda d, dtype=jnp.bfloat16: jnp.zeros((1, 4, 2, d), dtype)
   assert layers.cudnn_supported(q(40), q(40))          # SD 1.5's first-level heads

@@ -90,7 +90,8 @@ def _cpu_options_accepted() -> bool:
   try:
     cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
     x = jax.ShapeDtypeStruct((), jnp.float32, sharding=cpu)
-    jax.jit(lambda x: x + 1).lower(x).compile(compiler_options=_CPU_OPTIONS)
+    with jax.set_mesh(None):  # a caller's multi-device mesh would refuse the one-device probe
+      jax.jit(lambda x: x + 1).lower(x).compile(compiler_options=_CPU_OPTIONS)
     return True
   except Exception as e:  # noqa: BLE001 - any refusal means: compile without them
     log.warning("this XLA does not take the CPU compiler options %s (%s); compiling without",
