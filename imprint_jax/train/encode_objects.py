@@ -46,7 +46,7 @@ def _encoder(setup: setup_lib.Setup):
   return lambda s, x: nnx.merge(graphdef, s)(x).astype(jnp.float32)
 
 
-def probe_tokens(setup: setup_lib.Setup, dinov2_state: nnx.State) -> np.ndarray:
+def probe_tokens(setup: setup_lib.Setup, dinov2_state: dict | nnx.State) -> np.ndarray:
   """The encoder's (L, D) float32 tokens of `token_store.probe_image` (on every process)."""
   repl = NamedSharding(setup.mesh, P())
   fn = jax.jit(_encoder(setup), out_shardings=repl)
