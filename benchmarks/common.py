@@ -96,12 +96,11 @@ class Env:
 def setup(args) -> Env:
   """Pins the threads (before JAX starts), picks one JAX and one torch device and the compute
   dtype, and prints the header. `args` has the `add_common_flags` flags and --torch-device."""
-  from imprint_jax.cpu_runtime import jax_backends_started
-  started = jax_backends_started()
+  from imprint_jax import cpu_runtime
+  started = cpu_runtime.jax_backends_started()
   threads = pin_threads(args.threads)
   import jax
   jax_device = jax.devices()[0]
-  from imprint_jax import cpu_runtime
   retained = cpu_runtime.on_platform(jax_device.platform)
   torch_dev = torch_device(args.torch_device)
   dtype = args.dtype or ("float32" if jax_device.platform == "cpu" else "bfloat16")
