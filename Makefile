@@ -6,10 +6,10 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install test demo bench clean
 
+# Everything (the torch and test extras too), each package at its requirements.lock pin.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip install -q -c requirements.lock --no-build-isolation -e '.[torch,test]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -163,7 +163,7 @@ def scale(name: str) -> Scale:
              "norm_num_groups": 16, "sample_size": 128},
         encoder_size=112, generator_size=128, batch=8)
   if name == "tiny":
-    from configs import common as configs_common
+    from imprint_jax.configs import common as configs_common
     m = configs_common.tiny_model()
     adapter = {k: v for k, v in m.adapter.items() if k not in ("in_dim", "out_dim")}
     return Scale(name="tiny", dinov2=dict(m.dinov2), adapter=adapter, unet=dict(m.unet),

@@ -75,7 +75,7 @@ def synthetic_records(n: int, kind: str, encoder_size: int, generator_size: int,
 
 
 def build_synthetic(root: Path, n: int, encoder_size: int, generator_size: int):
-  from data_prep import shards
+  from imprint_jax.data_prep import shards
   n_img = int(round(n * 0.56))
   sources = []
   for kind, count, weight in (("image", n_img, 0.56), ("video", n - n_img, 0.44)):

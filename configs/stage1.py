@@ -5,14 +5,14 @@ Trained: DINOv2 (ViT-g/14 with 4 registers), the content adapter, the UNet's dec
 Frozen: the rest of the SD 1.5 UNet and the VAE. Embedding dropout 0.05, batch 256, 5 epochs.
 
 Run:
-  imprint-jax train --config configs/stage1.py --workdir /gcs/BUCKET/imprint/stage1 \
+  imprint-jax train --config stage1 --workdir /gcs/BUCKET/imprint/stage1 \
       --set init.checkpoint=/gcs/BUCKET/imprint/imported --set data.sources='((\"pairs/mvimgnet\", 1.0),)'
-  imprint-jax train --config configs/stage1.py:tiny --workdir /tmp/stage1_tiny   # CPU, minutes
+  imprint-jax train --config stage1:tiny --workdir /tmp/stage1_tiny   # CPU, minutes
 """
 
 import ml_collections
 
-from configs import common
+from imprint_jax.configs import common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -7,16 +7,16 @@ tokens (DINOv2 frozen, adapter trained) through cross-attention. Embedding dropo
 phase 2 (5 epochs) swapped. The 10/5 split is our choice (the paper's n1, n2 were lost).
 
 Run:
-  imprint-jax train --config configs/stage2.py --workdir /gcs/BUCKET/imprint/stage2 \
+  imprint-jax train --config stage2 --workdir /gcs/BUCKET/imprint/stage2 \
       --set init.checkpoint=/gcs/BUCKET/imprint/imported \
       --set init.encoder_from=/gcs/BUCKET/imprint/stage1
-  imprint-jax train --config configs/stage2.py:tiny --workdir /tmp/stage2_tiny \
+  imprint-jax train --config stage2:tiny --workdir /tmp/stage2_tiny \
       --set init.encoder_from=/tmp/stage1_tiny
 """
 
 import ml_collections
 
-from configs import common
+from imprint_jax.configs import common
 
 LARGE_LR, SMALL_LR = 2e-5, 2e-6
 

@@ -50,10 +50,10 @@ from typing import Any
 import numpy as np
 
 from imprint_jax.errors import UserError
-from data_prep import crops
-from data_prep import shards
-from data_prep.readers import READERS
-from data_prep.readers import common
+from imprint_jax.data_prep import crops
+from imprint_jax.data_prep import shards
+from imprint_jax.data_prep.readers import READERS
+from imprint_jax.data_prep.readers import common
 
 SPLITS = ("train", "val", "test", "all")
 SOURCES = tuple(READERS) + ("synthetic",)
@@ -185,7 +185,7 @@ def main(args: argparse.Namespace) -> int:
     raise UserError(f"--workers must be >= 1 (got {args.workers})")
   cfg = config_from_args(args)
   if args.source == "synthetic":
-    from data_prep import synthetic
+    from imprint_jax.data_prep import synthetic
     scfg = synthetic.SyntheticConfig(groups=args.synthetic_groups,
                                      frame_size=args.synthetic_frame_size, seed=args.seed)
     roots = synthetic.generate(args.out, scfg)

@@ -22,7 +22,7 @@ Reading it back (neither way needs TensorFlow):
 
   # 2. grain: raw bytes from the shard files, decoded with the same FeaturesDict.
   import grain
-  from data_prep import shards
+  from imprint_jax.data_prep import shards
   ds = grain.sources.ArrayRecordDataSource(shards.shard_paths(out_dir, "train"))
   features = shards.load_features(out_dir)     # == schema.features(E, G)
   example = features.deserialize_example_np(ds[0])

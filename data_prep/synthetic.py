@@ -565,7 +565,7 @@ def inject_faults(root, source: str, *, corrupt_image: int = 0, mask_size_mismat
   up in the prepare summary on its own (for masks holding several instances, an empty mask
   is counted once per instance).
   """
-  from data_prep.readers import READERS
+  from imprint_jax.data_prep.readers import READERS
   reader = READERS[source]
   rroot = reader.resolve_root(Path(root))
   groups, _ = reader.list_groups(rroot)

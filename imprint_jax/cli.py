@@ -61,7 +61,7 @@ def _run_export(args) -> int:
 
 
 def _add_prepare(sub) -> None:
-  from data_prep import prepare
+  from imprint_jax.data_prep import prepare
   p = sub.add_parser("prepare", help="prepare training pairs into ArrayRecord shards",
                      description=prepare.__doc__.splitlines()[0] if prepare.__doc__ else None)
   prepare.add_arguments(p)
@@ -73,7 +73,9 @@ def _add_train(sub) -> None:
                      description="Trains the config's stage on all local devices (and all"
                      " hosts, after jax.distributed.initialize). Writes checkpoints,"
                      " metrics.jsonl, TensorBoard events and sample grids to --workdir.")
-  p.add_argument("--config", required=True, help="configs/stage1.py[:tiny] or a config file")
+  p.add_argument("--config", required=True,
+                 help="a packaged config by name (stage1, stage2; NAME:tiny for the CPU"
+                 " variant) or a config file (path.py[:arg])")
   p.add_argument("--workdir", required=True)
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value, e.g. --set train.global_batch=512")
@@ -113,7 +115,8 @@ def _add_encode_objects(sub) -> None:
                      " perturbations, and writes them as float16 token shards. Training with"
                      " --set data.object_tokens=OUT then runs the adapter on these tokens"
                      " instead of DINOv2 in every step; a step picks one variant per pair.")
-  p.add_argument("--config", required=True, help="configs/stage2.py[:tiny] or a config file")
+  p.add_argument("--config", required=True,
+                 help="stage2[:tiny] (packaged config) or a config file (path.py[:arg])")
   p.add_argument("--out", required=True, help="token folder to create")
   p.add_argument("--variants", type=int, default=4,
                  help="perturbations stored per pair (default 4)")
@@ -150,7 +153,7 @@ def _add_plan(sub) -> None:
                      " for virtual CPU devices (an upper estimate: the CPU compiler schedules"
                      " for speed, not memory); with --topology it is compiled by the TPU"
                      " compiler for that slice, from this host, with no TPU attached (needs"
-                     " libtpu: pip install -e '.[tpu]'). Exit status 1 when it does not fit in"
+                     " libtpu: pip install 'imprint-jax[tpu]'). Exit status 1 when it does not fit in"
                      " --hbm-gib.")
   p.add_argument("--config", required=True)
   p.add_argument("--mesh", required=True, help="data=D,fsdp=F,tensor=T")
@@ -185,7 +188,7 @@ def _run_plan(args) -> int:
   if args.topology:
     import importlib.util
     if importlib.util.find_spec("libtpu") is None:
-      raise UserError("--topology needs the TPU compiler (libtpu): pip install -e '.[tpu]'")
+      raise UserError("--topology needs the TPU compiler (libtpu): pip install 'imprint-jax[tpu]'")
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no TPU metadata server to ask
   else:
     flags = os.environ.get("XLA_FLAGS", "")

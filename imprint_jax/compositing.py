@@ -52,7 +52,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
-from data_prep import crops
+from imprint_jax.data_prep import crops
 from imprint_jax import checkpoint as ckpt_lib
 from imprint_jax import cpu_runtime, generate, sampling
 from imprint_jax.data import masks as masks_lib

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-REPO = Path(__file__).resolve().parents[1]  # configs/ lives next to the package
 
 
 def _log(msg: str) -> None:
@@ -62,7 +61,7 @@ class DemoConfig:
 
 def build_data(out: Path, cfg: DemoConfig, encoder_size: int, generator_size: int
                ) -> dict[str, str]:
-  from data_prep import prepare, synthetic
+  from imprint_jax.data_prep import prepare, synthetic
   if out.exists():
     shutil.rmtree(out)  # the demo owns its output folder: start clean
   raw = out / "raw"
@@ -170,7 +169,7 @@ def stage0_checkpoint(vae, scale: float, out: Path, cfg: DemoConfig, run_cfg) ->
 def run_stage(stage: int, folders: dict[str, str], out: Path, cfg: DemoConfig, *, init: Path,
               encoder_from: Path | None, vae_scale: float):
   from imprint_jax.train import loop, run_config
-  c = run_config.load(str(REPO / "configs" / f"stage{stage}.py") + ":tiny")
+  c = run_config.load(f"stage{stage}:tiny")
   steps = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
   c.train.num_steps = steps
   c.train.global_batch = cfg.batch
@@ -271,7 +270,7 @@ def main(argv=None) -> int:
   t_all = time.time()
 
   from imprint_jax.train import run_config, setup as setup_lib
-  c1 = run_config.load(str(REPO / "configs" / "stage1.py") + ":tiny")
+  c1 = run_config.load("stage1:tiny")
   E, G = c1.data.encoder_size, c1.data.generator_size
 
   _log(runtime)

@@ -111,7 +111,7 @@ def check_kind(rec: dict[str, Any], testset: str) -> None:
 
 def make_pair(rec: dict[str, Any], testset: str, *, mask_level: int = 4, seed: int = 0) -> Pair:
   """A decoded record -> a test pair under the test set's protocol (see module docstring)."""
-  from data_prep import crops
+  from imprint_jax.data_prep import crops
   from imprint_jax.data import augment, masks
   pair_id, kind = int(rec["pair_id"]), rec["kind"]
   where = f"pair_id {pair_id} ({rec.get('target_id', '?')})"
@@ -201,7 +201,7 @@ def erase_region(image: np.ndarray, region: np.ndarray) -> np.ndarray:
 
 def copy_paste(pair: Pair, erase: bool) -> np.ndarray:
   """The object's pixels pasted into the region's box, aspect-fit and centred, (G, G, 3)."""
-  from data_prep import crops
+  from imprint_jax.data_prep import crops
   out = erase_region(pair.background, pair.region) if erase else pair.background.copy()
   obj_box = crops.bbox(pair.object_mask[..., 0] > 0)
   if obj_box is None:
@@ -476,7 +476,7 @@ Metric weights (local files only; a metric whose weights are missing is skipped 
 pt_inception-2015-12-05-6726825d.pth and convert it once (we never unpickle):
              {convert}
              then --inception pt_inception-2015-12-05-6726825d.safetensors
-  DreamSim   pip install dreamsim (optional extra); --dreamsim-dir DIR
+  DreamSim   pip install 'imprint-jax[eval]'; --dreamsim-dir DIR
 Writes <out>/metrics.json, metrics.md (table), scores.jsonl (per pair), images/<method>/."""
 
 
@@ -510,7 +510,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--dreamsim-dir", metavar="DIR", help="DreamSim weights folder (its"
                       " cache_dir). DreamSim is PyTorch only and an optional extra: without"
                       " the `dreamsim` package the run prints 'DreamSim skipped: pip install"
-                      " dreamsim (optional extra) and pass --dreamsim-dir' and scores the"
+                      " 'imprint-jax[eval]' and pass --dreamsim-dir' and scores the"
                       " rest")
   parser.add_argument("--fid-resize", default="pil-bicubic", choices=("pil-bicubic",
                       "torch-bilinear"), help="resize to 299 for FID: clean-fid style PIL"

@@ -19,8 +19,8 @@ import transformers
 from flax import nnx
 from PIL import Image
 
-from configs.common import tiny_model
-from data_prep import prepare, synthetic
+from imprint_jax.configs.common import tiny_model
+from imprint_jax.data_prep import prepare, synthetic
 from imprint_jax import checkpoint as ckpt_lib
 from imprint_jax import evaluate as ev
 from imprint_jax import metrics

@@ -475,7 +475,7 @@ def test_dreamsim_missing_package_is_skipped(tmp_path, monkeypatch):
   suite = metrics.load_suite(dreamsim_dir=tmp_path)
   assert suite.dreamsim is None
   assert suite.skipped["dreamsim"].startswith(
-      "DreamSim skipped: pip install dreamsim (optional extra) and pass --dreamsim-dir")
+      "DreamSim skipped: pip install 'imprint-jax[eval]' and pass --dreamsim-dir")
 
 
 def test_dreamsim_plumbing_with_a_stand_in_package(tmp_path, monkeypatch):

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from data_prep import shards
+from imprint_jax.data_prep import shards
 from imprint_jax.data import pipeline, schema
 from imprint_jax.errors import UserError
 

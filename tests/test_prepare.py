@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from data_prep import crops, prepare, shards, synthetic
-from data_prep.readers import READERS
-from data_prep.readers import common
+from imprint_jax.data_prep import crops, prepare, shards, synthetic
+from imprint_jax.data_prep.readers import READERS
+from imprint_jax.data_prep.readers import common
 from imprint_jax.data import schema
 from imprint_jax.errors import UserError
 

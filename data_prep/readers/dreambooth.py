@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 
 from imprint_jax.errors import UserError
-from data_prep.readers import common
+from imprint_jax.data_prep.readers import common
 
 NAME = "dreambooth"
 KIND = "test"

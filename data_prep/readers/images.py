@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from imprint_jax.errors import UserError
-from data_prep.readers import common
+from imprint_jax.data_prep.readers import common
 
 NAME = "images"
 KIND = "image"

@@ -19,8 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from imprint_jax.errors import UserError
-from data_prep.crops import BadFile
-from data_prep.readers import common
+from imprint_jax.data_prep.crops import BadFile
+from imprint_jax.data_prep.readers import common
 
 NAME = "mvimgnet"
 KIND = "multiview"

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from imprint_jax.errors import UserError
-from data_prep.readers import common
+from imprint_jax.data_prep.readers import common
 
 NAME = "ppr10k"
 KIND = "video"

@@ -33,7 +33,7 @@ import json
 from pathlib import Path
 
 from imprint_jax.errors import UserError
-from data_prep.readers import common
+from imprint_jax.data_prep.readers import common
 
 NAME = "vipseg"
 KIND = "video"

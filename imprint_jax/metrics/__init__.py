@@ -37,7 +37,7 @@ from imprint_jax.metrics.fid import inception_missing_message
 # JAX and the networks are imported on first use: `imprint_jax.cli` builds the `evaluate`
 # parser from this package, and JAX must not start before `plan` has set JAX_PLATFORMS.
 
-DREAMSIM_SKIPPED = ("DreamSim skipped: pip install dreamsim (optional extra) and pass"
+DREAMSIM_SKIPPED = ("DreamSim skipped: pip install 'imprint-jax[eval]' and pass"
                     " --dreamsim-dir")
 
 
@@ -107,8 +107,8 @@ class DreamSim:
   """DreamSim distances through the `dreamsim` package (PyTorch), weights from a local folder."""
 
   def __init__(self, cache_dir: str | os.PathLike, batch_size: int = 16):
-    import torch
-    from dreamsim import dreamsim  # optional extra: imported only when asked for
+    import torch  # the `eval` extra; an ImportError makes load_suite skip DreamSim
+    from dreamsim import dreamsim
     self.torch = torch
     self.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:

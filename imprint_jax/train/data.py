@@ -22,7 +22,7 @@ SYNTHETIC = "synthetic:"
 
 
 def _prepare_synthetic(layout: str, out: Path, c: ml_collections.ConfigDict) -> None:
-  from data_prep import prepare, synthetic
+  from imprint_jax.data_prep import prepare, synthetic
   raw = out.parent / f".raw_{layout}"
   synthetic.generate(raw, synthetic.SyntheticConfig(groups=8, frames=6, seed=c.seed),
                      layouts=(layout,))
@@ -59,7 +59,7 @@ def resolve_sources(c: ml_collections.ConfigDict, workdir: Path) -> list[tuple[s
 
 
 def num_pairs(sources: list[tuple[str, float]], split: str) -> int:
-  from data_prep import shards
+  from imprint_jax.data_prep import shards
   return sum(shards.split_sizes(path).get(split, 0) for path, _ in sources)
 
 
@@ -126,7 +126,7 @@ def val_batches(c, setup, sources) -> list[dict[str, jax.Array]]:
   """The fixed validation set: the first `eval_batches` batches of the val split (global
   device arrays), or [] when a source has no val split. They also hold the object pixels when
   the step reads precomputed tokens: sample grids encode and show them."""
-  from data_prep import shards
+  from imprint_jax.data_prep import shards
   from imprint_jax.train.setup import model_keys
   if not c.eval_every or c.eval_batches <= 0:
     return []

@@ -78,7 +78,7 @@ def check_encoder(setup: setup_lib.Setup, state) -> float:
 
 
 def _splits(c: ml_collections.ConfigDict, folder: str) -> dict[str, int]:
-  from data_prep import shards
+  from imprint_jax.data_prep import shards
   sizes = shards.split_sizes(folder)
   names = dict.fromkeys(["train", c.data.val_split])
   return {s: sizes[s] for s in names if sizes.get(s, 0) > 0}
@@ -188,7 +188,7 @@ def encode(c: ml_collections.ConfigDict, out: str | os.PathLike, *, variants: in
             for j, (pair_id, _) in enumerate(recs):
               yield token_store.encode_record(pair_id, tokens[j * variants:(j + 1) * variants])
 
-        from data_prep import shards
+        from imprint_jax.data_prep import shards
         path = token_store.source_dir(out, i) / token_store.shard_name(split, proc, n_proc)
         path.parent.mkdir(parents=True, exist_ok=True)
         count, size = shards.write_array_record(path, payloads(), tmp_dir=out / _TMP)

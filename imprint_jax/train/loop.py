@@ -195,7 +195,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                     f" ({c.train.global_batch})")
   setup = setup_lib.build(c, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
   if setup_lib.uses_object_tokens(c):
-    from data_prep import shards
+    from imprint_jax.data_prep import shards
     token_store.check_sources(token_store.load_manifest(c.data.object_tokens), sources,
                               shards.split_sizes)
 
