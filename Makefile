@@ -6,9 +6,12 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install test demo bench clean
 
-# Everything (the torch and test extras too), each package at its requirements.lock pin.
+# Everything (the torch and test extras too), each package at its requirements.lock pin: the
+# locked tree first (it holds the setuptools that builds the editable install), then the
+# package with its extras, constrained by the lock.
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q -c requirements.lock --no-build-isolation -e '.[torch,test]'
 	touch $(STAMP)
 
