@@ -5,8 +5,8 @@ A compiled step's temporaries are one block (the CPU benchmark's stage-2 step: 2
 computation on a worker thread by default, which glibc's malloc serves from a secondary arena.
 There, blocks above the mmap threshold (32 MiB at most) are mapped from the kernel when
 allocated and unmapped when freed, so every step faulted its temporaries back in page by page,
-each page zero-filled by the kernel: on the CPU benchmark's stage-2 step about 72,000 page
-faults (280 MiB) and 110-190 ms of system time per step (`getrusage` around single steps).
+each page zero-filled by the kernel (`getrusage` around single steps shows the faults and the
+system time).
 
 Two settings remove that cost, and only together:
 
@@ -21,12 +21,9 @@ Two settings remove that cost, and only together:
     heap, and faults in the new pages, when other allocations took the freed block's place.
     glibc only (a no-op elsewhere); it applies to allocations made after the call.
 
-The stage-2 step of the CPU benchmark, one process per setting, each step timed alone
-(2026-11-29): default 508-552 ms (one step of six 710) with 72,000 page faults per step;
-inline dispatch alone and retained memory alone still 72,000; both 444-466 ms with under 120.
-The malloc setting is process-wide: in the benchmarks, which run torch in the same process,
-torch's steps stop page-faulting too (80-130 MiB per step before), so both frameworks gain
-about 10% (docs/performance.md).
+Either setting alone leaves the page faults as they were. The malloc setting is process-wide:
+in the benchmarks, which run torch in the same process, torch's steps stop page-faulting too,
+so both frameworks gain alike (docs/performance.md).
 
 The command line (`imprint-jax`, except `plan`), the demo and the benchmarks call
 `configure()` before JAX starts, and the places that compile steps (`train.loop`,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.parser
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -27,9 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> zipfile.ZipFile:
-  out = tmp_path_factory.mktemp("wheel")
+  # Built from a copy: setuptools writes build/ and *.egg-info next to the sources.
+  src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+  for name in ("pyproject.toml", "README.md"):
+    shutil.copy(REPO / name, src / name)
+  for name in ("imprint_jax", "data_prep", "configs"):
+    shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
   subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
-                  "--no-build-isolation", str(REPO), "-w", str(out)], check=True,
+                  "--no-build-isolation", str(src), "-w", str(out)], check=True,
                  capture_output=True, cwd=out)
   (whl,) = out.glob("imprint_jax-*.whl")
   return zipfile.ZipFile(whl)

@@ -69,9 +69,7 @@ def compiling_for(name: str) -> contextlib.AbstractContextManager[None]:
 
 # XLA:CPU (jaxlib 0.10.2) hands dots, reductions and convolutions to YNNPACK by default. Its
 # 3x3 convolutions at 32-128 channels run at about half the speed of XLA's own (Eigen) ones on
-# this project's CPU shapes (e.g. (8, 32, 32, 64) -> 64: 6.2 vs 3.4 ms), so our compiled steps
-# keep YNNPACK for dots and reductions only: the stage-2 CPU step 627 -> 577 ms
-# (docs/performance.md).
+# this project's CPU shapes, so our compiled steps keep YNNPACK for dots and reductions only.
 _CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                 "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
@@ -224,9 +222,8 @@ def conv(in_features: int, out_features: int, kernel_size: int, *, dtype: Any,
                **kw)
 
 
-# XLA's CPU convolution is ~10x slower than a matmul on feature maps of a few pixels (2x2:
-# 2.8 ms vs 0.2 ms forward for 8 x 128 -> 128 channels; benchmarks/train_step.py --profile),
-# the lowest UNet level at small image sizes. Up to this many output pixels, CPU convolutions
+# XLA's CPU convolution is about 10x slower than a matmul on feature maps of a few pixels (the
+# lowest UNet level at small image sizes; `benchmarks/train_step.py --profile` shows it). Up to this many output pixels, CPU convolutions
 # run as one matmul over the stacked shifted windows (im2col).
 _IM2COL_MAX_PIXELS = 9
 
@@ -334,8 +331,7 @@ def _group_norm_dot(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int
 
 def gelu(x: jax.Array) -> jax.Array:
   """Exact GELU as torch computes it, x/2 (1 + erf(x/sqrt 2)). `jax.nn.gelu(approximate=False)`
-  goes through erfc, which XLA's CPU backend evaluates about half as fast (on (8, 69, 512),
-  2 threads: 0.38 vs 0.19 ms forward); a step of the CPU benchmark gains 1-2 ms per network."""
+  goes through erfc, which XLA's CPU backend evaluates about half as fast."""
   return x * 0.5 * (1 + jax.lax.erf(x * jnp.asarray(0.5 ** 0.5, x.dtype)))
 
 
@@ -478,11 +474,9 @@ def _softmax_attention(q_NLD: jax.Array, k_NSD: jax.Array, v_NSD: jax.Array) -> 
 
   The backward is written out because the one autodiff derives computes dv = p^T do (and
   dk = ds^T q) as a (N, S, D) product contracting the scores' major axis, a form YNNPACK does
-  not take and XLA's own dot runs slowly when D is a few channels: (64, 256, 256) x (64, 256,
-  4) takes 8.3 ms that way against 0.6 ms as a (N, D, S) product transposed afterwards (2
-  threads). An optimisation barrier keeps XLA from folding that transpose back into the dot.
-  On the CPU benchmark's UNet (5 self-attention layers with 4-channel heads over 256 tokens)
-  this takes forward + backward from 321 to 258 ms."""
+  not take and XLA's own dot runs an order of magnitude slower when D is a few channels than
+  the (N, D, S) product transposed afterwards that this backward computes. An optimisation
+  barrier keeps XLA from folding that transpose back into the dot."""
   return _softmax_attention_fwd(q_NLD, k_NSD, v_NSD)[0]
 
 

@@ -145,7 +145,7 @@ def fused_adamw(learning_rate: optax.Schedule, *, b1: float, b2: float, eps: flo
   the weight decay and the learning rate are one expression per parameter.
 
   Same arithmetic as optax's `clip_by_global_norm` + `inject_hyperparams(adamw)`, in fewer and
-  fuller kernels (docs/performance.md, "What changed on 2026-11-29").
+  fuller kernels.
   """
 
   def init(params):

@@ -35,8 +35,8 @@ class TrainState:
   """What a step carries over. The model's parts are plain nested dicts of arrays, as
   `nnx.to_pure_dict` gives them (`nnx.merge(graphdef, params, frozen)` takes them as they are):
   JAX flattens and rebuilds dicts in C++, whereas every `nnx.Variable` leaf costs a Python
-  call each time a jitted step takes or returns the state (the CPU benchmark's stage-2 state,
-  2,504 leaves: 26 ms of a 414 ms step, docs/performance.md)."""
+  call each time a jitted step takes or returns the state (thousands of leaves; measurable on
+  a CPU step, docs/performance.md)."""
   step: jax.Array          # int32 scalar: optimizer steps taken
   params: dict             # trained parameters
   frozen: dict             # everything else (frozen components, the VAE)
