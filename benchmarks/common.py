@@ -112,8 +112,9 @@ def setup(args) -> Env:
 
 
 def add_common_flags(p) -> None:
-  p.add_argument("--scale", choices=("cpu", "real", "tiny"), default="cpu",
-                 help="cpu: SD-1.5 block structure at narrow widths (minutes on 2 cores); "
+  p.add_argument("--scale", choices=("cpu", "cpu32", "real", "tiny"), default="cpu",
+                 help="cpu: SD-1.5 block structure at narrow widths, 16x16 latents (minutes"
+                      " on 2 cores); cpu32: the same at 32x32 latents; "
                       "real: SD 1.5 at 512 px + DINOv2 ViT-g/14 with registers (a GPU/TPU); "
                       "tiny: the test configs' toy model (smoke tests only)")
   p.add_argument("--warmup", type=int, default=2, help="untimed runs of each framework")
@@ -148,6 +149,8 @@ def scale(name: str) -> Scale:
   per block, 8 heads, GEGLU, conv projections) at widths (32, 64, 128, 128), 16x16 latents
   (128 px, VAE factor 8 with narrow widths), a 4-layer width-128 DINOv2 with 4 registers at
   112 px (69 tokens), a 2-block adapter; batch 8.
+  `cpu32`: the same networks at 32x32 latents (256 px: the UNet's first level attends over
+  1,024 tokens), batch 4.
   `real`: the paper's model: SD 1.5 at 512 px, DINOv2 ViT-g/14 with 4 registers at 224 px
   (261 tokens), the 5-block adapter of configs/stage*.py; batch 8 per device."""
   if name == "cpu":
@@ -162,6 +165,11 @@ def scale(name: str) -> Scale:
         vae={"block_out_channels": (16, 32, 64, 64), "layers_per_block": 2,
              "norm_num_groups": 16, "sample_size": 128},
         encoder_size=112, generator_size=128, batch=8)
+  if name == "cpu32":
+    cpu = scale("cpu")
+    return dataclasses.replace(cpu, name="cpu32", unet=dict(cpu.unet, sample_size=32),
+                               vae=dict(cpu.vae, sample_size=256), generator_size=256,
+                               batch=4)
   if name == "tiny":
     from imprint_jax.configs import common as configs_common
     m = configs_common.tiny_model()
@@ -178,9 +186,8 @@ def scale(name: str) -> Scale:
 
 def run_config(sc: Scale, stage: int, *, batch: int, dtype: str, remat: str):
   """A training run config (configs/stage{stage}.py) at the benchmark's model sizes."""
-  sys.path.insert(0, str(REPO))
   from imprint_jax.train import run_config as rc
-  c = rc.load(str(REPO / f"configs/stage{stage}.py") + (":tiny" if sc.name != "real" else ""))
+  c = rc.load(f"stage{stage}" + (":tiny" if sc.name != "real" else ""))
   if sc.name != "real":
     c.model.dinov2 = dict(sc.dinov2)
     c.model.adapter = dict(sc.adapter)

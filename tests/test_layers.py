@@ -53,6 +53,43 @@ def test_cpu_attention_bfloat16():
     _close(a.astype(jnp.float32), b, tol=3e-2)
 
 
+def test_cpu_attention_query_blocks_match_one_block():
+  """Long sequences run query block by query block (no (L, S) scores held at once); same
+  values and gradients as the one-block form, in float32 and bf16."""
+  q, k, v = _qkv(b=2, l=512, s=640, h=2, d=8)
+  assert layers._query_block(512, 640) == layers._QUERY_BLOCK
+  assert layers._query_block(256, 256) == 0  # small: one block
+  n = lambda t: jnp.swapaxes(t, 1, 2).reshape(-1, t.shape[1], t.shape[3]) * 0.3
+  qn, kn, vn = n(q), n(k), n(v)
+  blocked = lambda q, k, v: layers._blocked_attention(q, k, v, 64)
+  _close(blocked(qn, kn, vn), layers._softmax_attention(qn, kn, vn))
+  for a, b in zip(jax.grad(_loss(blocked), (0, 1, 2))(qn, kn, vn),
+                  jax.grad(_loss(layers._softmax_attention), (0, 1, 2))(qn, kn, vn)):
+    _close(a, b)
+  # Through the public entry point, against XLA's attention.
+  _close(layers._attention_cpu(q, k, v), jax.nn.dot_product_attention(q, k, v))
+  for a, b in zip(jax.grad(_loss(layers._attention_cpu), (0, 1, 2))(q, k, v),
+                  jax.grad(_loss(jax.nn.dot_product_attention), (0, 1, 2))(q, k, v)):
+    _close(a, b)
+  low = tuple(t.astype(jnp.bfloat16) for t in (qn, kn, vn))
+  grads = jax.grad(_loss(blocked), (0, 1, 2))(*low)
+  assert all(g.dtype == jnp.bfloat16 for g in grads)
+  for a, b in zip(grads, jax.grad(_loss(layers._softmax_attention), (0, 1, 2))(qn, kn, vn)):
+    _close(a.astype(jnp.float32), b, tol=3e-2)
+
+
+def test_cpu_attention_query_blocks_hold_no_full_score_matrix():
+  """The compiled backward's temporaries stay far below one (N, L, S) float32 tensor."""
+  q, k, v = _qkv(b=1, l=2048, s=2048, h=1, d=8)
+  scores_bytes = 2048 * 2048 * 4
+  for attn, small in ((layers._attention_cpu, True),
+                      (lambda q, k, v: layers._softmax_attention(
+                          *(jnp.swapaxes(t, 1, 2)[0] for t in (q, k, v))), False)):
+    compiled = jax.jit(jax.grad(_loss(attn), (0, 1, 2))).lower(q, k, v).compile()
+    temp = compiled.memory_analysis().temp_size_in_bytes
+    assert (temp < scores_bytes / 4) == small, (temp, scores_bytes)
+
+
 def test_splash_attention_matches_xla():
   q, k, v = _qkv()
   splash = lambda q, k, v: layers._attention_splash(q, k, v, interpret=True)

@@ -461,11 +461,106 @@ def _attention_cpu(q_BLHD: jax.Array, k_BSHD: jax.Array, v_BSHD: jax.Array) -> j
 
   Same result within float rounding."""
   b, l, h, d = q_BLHD.shape
+  s = k_BSHD.shape[1]
   scale = jnp.asarray(d ** -0.5, q_BLHD.dtype)
   q_NLD, k_NSD, v_NSD = (jnp.swapaxes(t, 1, 2).reshape(b * h, t.shape[1], d)
                          for t in (q_BLHD * scale, k_BSHD, v_BSHD))
-  out_NLD = _softmax_attention(q_NLD, k_NSD, v_NSD)
+  block = _query_block(l, s)
+  if block:
+    out_NLD = _blocked_attention(q_NLD, k_NSD, v_NSD, block)
+  else:
+    out_NLD = _softmax_attention(q_NLD, k_NSD, v_NSD)
   return jnp.swapaxes(out_NLD.reshape(b, h, l, d), 1, 2).astype(q_BLHD.dtype)
+
+
+# Above this many scores per head (L x S), the CPU attention runs query block by query block
+# (`_blocked_attention`): the whole (N, L, S) score tensor, and in the backward its
+# probabilities and gradient, would otherwise be held at once (4096 x 4096 per head at 64x64
+# latents), and its passes over memory dominate. Blocks of `_QUERY_BLOCK` rows keep each
+# block's scores in cache. One block is faster up to the UNet's 256-token (16x16-latent)
+# self-attention, blocks from 512 tokens on (`benchmarks/networks.py --scale cpu32`).
+_BLOCKED_MIN_SCORES = 256 * 256
+_QUERY_BLOCK = 64
+
+
+def _query_block(l: int, s: int) -> int:
+  """The query block `_attention_cpu` uses for L queries over S keys; 0 for one block."""
+  if l * s <= _BLOCKED_MIN_SCORES:
+    return 0
+  return next((bq for bq in (_QUERY_BLOCK, 32) if l % bq == 0 and bq < l), 0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _blocked_attention(q_NLD: jax.Array, k_NSD: jax.Array, v_NSD: jax.Array,
+                       block: int) -> jax.Array:
+  """`_softmax_attention` computed over query blocks of `block` rows (L % block == 0): at most
+  one block's (N, block, S) scores exist at a time, forward and backward. Each block's
+  softmax is exact over all S keys, so no online rescaling is needed; the backward recomputes
+  each block's probabilities from the saved log-sum-exp (N, L) instead of storing them, and
+  accumulates dk and dv over the blocks."""
+  return _blocked_attention_fwd(q_NLD, k_NSD, v_NSD, block)[0]
+
+
+def _blocks(t_NLX: jax.Array, block: int) -> jax.Array:
+  """(N, L, X) -> (L // block, N, block, X), the layout `lax.map`/`scan` iterate over."""
+  n, l, x = t_NLX.shape
+  return jnp.moveaxis(t_NLX.reshape(n, l // block, block, x), 1, 0)
+
+
+def _unblocks(t_KNBX: jax.Array) -> jax.Array:
+  k, n, b, x = t_KNBX.shape
+  return jnp.moveaxis(t_KNBX, 0, 1).reshape(n, k * b, x)
+
+
+def _blocked_attention_fwd(q_NLD, k_NSD, v_NSD, block):
+  def one(q_NBD):
+    s_NBS = jnp.einsum("nbd,nsd->nbs", q_NBD, k_NSD, preferred_element_type=jnp.float32)
+    max_NB1 = s_NBS.max(-1, keepdims=True)
+    p_NBS = jnp.exp(s_NBS - max_NB1)
+    sum_NB1 = p_NBS.sum(-1, keepdims=True)
+    out_NBD = jnp.einsum("nbs,nsd->nbd", p_NBS.astype(v_NSD.dtype), v_NSD,
+                         preferred_element_type=jnp.float32) / sum_NB1
+    return out_NBD, max_NB1 + jnp.log(sum_NB1)
+
+  out_KNBD, lse_KNB1 = jax.lax.map(one, _blocks(q_NLD, block))
+  out_NLD, lse_NL1 = _unblocks(out_KNBD), _unblocks(lse_KNB1)
+  return out_NLD, (q_NLD, k_NSD, v_NSD, out_NLD, lse_NL1)
+
+
+def _blocked_attention_bwd(block, res, dout_NLD):
+  q_NLD, k_NSD, v_NSD, out_NLD, lse_NL1 = res
+  n, s, d = k_NSD.shape
+  delta_NL1 = jnp.sum(dout_NLD * out_NLD, -1, keepdims=True)
+
+  def one(carry, xs):
+    dk_NDS, dv_NDS = carry
+    q_NBD, dout_NBD, lse_NB1, delta_NB1 = xs
+    s_NBS = jnp.einsum("nbd,nsd->nbs", q_NBD, k_NSD, preferred_element_type=jnp.float32)
+    p_NBS = jnp.exp(s_NBS - lse_NB1)  # normalised probabilities
+    dp_NBS = jnp.einsum("nbd,nsd->nbs", dout_NBD.astype(v_NSD.dtype), v_NSD,
+                        preferred_element_type=jnp.float32)
+    ds_NBS = p_NBS * (dp_NBS - delta_NB1)
+    dq_NBD = jnp.einsum("nbs,nsd->nbd", ds_NBS.astype(k_NSD.dtype), k_NSD,
+                        preferred_element_type=jnp.float32)
+    # (N, D, S) products, as in `_softmax_attention_bwd`, transposed once after the loop.
+    dk_NDS = dk_NDS + jnp.einsum("nbs,nbd->nds", ds_NBS.astype(q_NBD.dtype), q_NBD,
+                                 preferred_element_type=jnp.float32)
+    dv_NDS = dv_NDS + jnp.einsum("nbs,nbd->nds", p_NBS.astype(v_NSD.dtype),
+                                 dout_NBD.astype(v_NSD.dtype),
+                                 preferred_element_type=jnp.float32)
+    return (dk_NDS, dv_NDS), dq_NBD
+
+  zeros = jnp.zeros((n, d, s), jnp.float32)
+  (dk_NDS, dv_NDS), dq_KNBD = jax.lax.scan(
+      one, (zeros, zeros), tuple(_blocks(t, block) for t in
+                                 (q_NLD, dout_NLD, lse_NL1, delta_NL1)))
+  dk_NSD, dv_NSD = (jnp.swapaxes(jax.lax.optimization_barrier(t), 1, 2)
+                    for t in (dk_NDS, dv_NDS))
+  return (_unblocks(dq_KNBD).astype(q_NLD.dtype), dk_NSD.astype(k_NSD.dtype),
+          dv_NSD.astype(v_NSD.dtype))
+
+
+_blocked_attention.defvjp(_blocked_attention_fwd, _blocked_attention_bwd)
 
 
 @jax.custom_vjp
