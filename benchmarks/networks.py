@@ -8,7 +8,8 @@ between the frameworks shows where it is. At the benchmark scale's shapes and ba
 same random inputs: the UNet forward + backward (gradients of all its parameters, the loss a
 mean square of its output), the VAE encoder forward (frozen; a stage-2 step runs it twice),
 DINOv2 forward (stage 1: + backward) and the adapter forward + backward. Ours: the networks of
-`imprint_jax.models`, jitted with the step's compiler options, parameters as jit arguments;
+`imprint_jax.models` through the documented fast path (`imprint_jax.models.pure`), jitted
+with the step's compiler options, parameters as jit arguments;
 theirs: diffusers / transformers / `imprint_jax.torch_adapter` built from the same configs
 (`common.torch_models`), bf16 autocast on accelerators. Calls alternate (JAX, torch, ...) after
 warm-up; medians are reported.
@@ -35,13 +36,16 @@ def jax_networks(mc, inputs: dict, stage: int, device) -> dict:
 
   from imprint_jax.models import layers
   from imprint_jax.models.imprint import Imprint
+  from imprint_jax.models.pure import pure
   put = lambda x: jax.device_put(x, device)
   model = Imprint(mc, rngs=nnx.Rngs(0))
-  # each network's own parameters, so gradients are taken of nothing else
-  split = {name: nnx.split(getattr(model, name)) for name in ("unet", "vae", "dinov2", "adapter")}
-  params = {name: put(nnx.to_pure_dict(p)) for name, (_, p) in split.items()}  # as in training
+  # Each network through the public fast path (`pure`), its own parameters only, so that
+  # gradients are taken of nothing else.
+  fns, params = {}, {}
+  for name, method in (("unet", None), ("vae", "encode"), ("dinov2", None), ("adapter", None)):
+    fns[name], p = pure(getattr(model, name), method)
+    params[name] = put(p)
   x = {k: put(v) for k, v in inputs.items()}
-  net = lambda name, p: nnx.merge(split[name][0], p)
   options = layers.compiler_options(device.platform)
 
   def compile_(fn, name):
@@ -52,15 +56,15 @@ def jax_networks(mc, inputs: dict, stage: int, device) -> dict:
   def mean_square(t):
     return jnp.mean(jnp.square(t.astype(jnp.float32)))
 
-  unet_loss = lambda p: mean_square(net("unet", p)(x["latent"], x["t"], x["ctx"]))
-  dinov2_loss = lambda p: mean_square(net("dinov2", p)(x["object"]))
-  adapter_loss = lambda p: mean_square(net("adapter", p)(x["tokens"]))
+  unet_loss = lambda p: mean_square(fns["unet"](p, x["latent"], x["t"], x["ctx"]))
+  dinov2_loss = lambda p: mean_square(fns["dinov2"](p, x["object"]))
+  adapter_loss = lambda p: mean_square(fns["adapter"](p, x["tokens"]))
 
   out = {"unet fwd+bwd": compile_(jax.grad(unet_loss), "unet"),
-         "vae encode": compile_(lambda p: net("vae", p).encode(x["target"])[0], "vae")}
+         "vae encode": compile_(lambda p: fns["vae"](p, x["target"])[0], "vae")}
   out["dinov2 " + ("fwd+bwd" if stage == 1 else "fwd")] = (
       compile_(jax.grad(dinov2_loss), "dinov2") if stage == 1
-      else compile_(lambda p: net("dinov2", p)(x["object"]), "dinov2"))
+      else compile_(lambda p: fns["dinov2"](p, x["object"]), "dinov2"))
   out["adapter fwd+bwd"] = compile_(jax.grad(adapter_loss), "adapter")
   return out
 

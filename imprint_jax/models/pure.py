@@ -18,8 +18,9 @@ from typing import Any
 from flax import nnx
 
 
-def pure(module: nnx.Module) -> tuple[Callable[..., Any], dict]:
-  """`(apply, params)`: `apply(params, *args, **kw)` equals `module(*args, **kw)`.
+def pure(module: nnx.Module, method: str | None = None) -> tuple[Callable[..., Any], dict]:
+  """`(apply, params)`: `apply(params, *args, **kw)` equals `module(*args, **kw)`, or
+  `module.<method>(*args, **kw)` (e.g. `pure(vae, "encode")`).
 
   `apply` is pure (jit it, vmap it, differentiate it with respect to `params`); the module is
   not changed by calling it."""
@@ -27,6 +28,7 @@ def pure(module: nnx.Module) -> tuple[Callable[..., Any], dict]:
   params = nnx.to_pure_dict(params)
 
   def apply(params: dict, *args: Any, **kw: Any) -> Any:
-    return nnx.merge(graphdef, params, rest, copy=True)(*args, **kw)
+    merged = nnx.merge(graphdef, params, rest, copy=True)
+    return (merged if method is None else getattr(merged, method))(*args, **kw)
 
   return apply, params
