@@ -426,7 +426,8 @@ case "$VERB" in
     check_tree; ensure_slice; ship_and_install ;;
   run)
     check_tree; ensure_slice; ship_and_install; start_job
-    if [[ $WATCH -eq 1 && $DRY -eq 0 ]]; then watch_job
+    if [[ $WATCH -eq 1 && $DRY -eq 1 ]]; then say "--watch would now poll $NAME every ${POLL}s"
+    elif [[ $WATCH -eq 1 ]]; then watch_job
     elif [[ $FOLLOW -eq 1 ]]; then w="${WORKER:-0}"; [[ "$w" == all ]] && w=0; follow_log "${w%%,*}"; fi ;;
   logs)
     follow_log "${WORKER:-0}" ;;

@@ -12,6 +12,7 @@ a stand-in for the venv's imprint-jax.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import subprocess
 import tarfile
@@ -137,6 +138,8 @@ def test_create_installs_and_starts_on_all_workers(env):
                   "--zone", "us-east5-a", "--worker=all"]
   assert ssh_commands(env) == [("--worker=all", SETUP), ("--worker=all", START),
                                ("--worker=0", "tail -n +1 -F imprint-jax/run.log")]
+  # The worker's shell hands the command to imprint-jax exactly as it was typed here.
+  assert shlex.split(START)[6:] == TRAIN[1:] + ["--distributed", "--resume"]
   with tarfile.open(env["fake"] / "shipped.tar.gz") as t:
     names = sorted(t.getnames())
     shipped = t.extractfile(".imprint-shipped").read().decode()
