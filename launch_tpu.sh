@@ -61,12 +61,12 @@ say() { echo "== $*"; }
 
 # Shell-quotes its arguments for printing and for remote command lines.
 q() {
-  local a out=()
+  local a quoted=()
   for a in "$@"; do
-    if [[ -n "$a" && "$a" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then out+=("$a")
-    else out+=("'${a//\'/\'\\\'\'}'"); fi
+    if [[ -n "$a" && "$a" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then quoted+=("$a")
+    else quoted+=("'${a//\'/\'\\\'\'}'"); fi
   done
-  echo "${out[*]}"
+  echo "${quoted[*]}"
 }
 
 # ------------------------------------------------------------------------- worker side
@@ -101,10 +101,12 @@ worker_setup() {  # _worker setup BUCKET DATA_CACHE_MB  (run from ~/imprint-jax/
   if [[ -n "$bucket" ]]; then
     if ! command -v gcsfuse >/dev/null; then
       # gcsfuse's own apt repository and key (the image's archive does not carry it).
+      local codename
+      codename=$(lsb_release -cs)
       curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg \
         | sudo tee /usr/share/keyrings/cloud.google.asc >/dev/null
       echo "deb [signed-by=/usr/share/keyrings/cloud.google.asc]" \
-           "https://packages.cloud.google.com/apt gcsfuse-$(lsb_release -cs) main" \
+           "https://packages.cloud.google.com/apt gcsfuse-$codename main" \
         | sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null
       sudo apt-get update -qq
       sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcsfuse
@@ -126,8 +128,10 @@ worker_setup() {  # _worker setup BUCKET DATA_CACHE_MB  (run from ~/imprint-jax/
       gcsfuse "${flags[@]}" "$bucket" "$mnt"
     fi
   fi
-  echo "$(hostname): ready ($(venv/bin/python --version), $(venv/bin/python -c \
-    'import jax; print("jax", jax.__version__)'))"
+  local pyv jaxv   # (separate assignments, so that a failure stops the setup)
+  pyv=$(venv/bin/python --version)
+  jaxv=$(venv/bin/python -c 'import jax; print("jax", jax.__version__)')
+  echo "$(hostname): ready ($pyv, $jaxv)"
 }
 
 worker_start() {  # _worker start JAX_CACHE -- IMPRINT_JAX_ARGS...
@@ -141,6 +145,7 @@ worker_start() {  # _worker start JAX_CACHE -- IMPRINT_JAX_ARGS...
   if [[ "$cache" != none ]]; then export JAX_COMPILATION_CACHE_DIR="$cache"; fi
   echo "== $(date -u '+%F %T') imprint-jax $*" >> "$ROOT_REMOTE/run.log"
   # The job's own pid goes to run.pid (`stop` signals it); its exit status to run.rc.
+  # shellcheck disable=SC2016  # (single quotes: expanded by the inner bash)
   R="$ROOT_REMOTE" nohup setsid bash -c \
     '"$@" >>"$R/run.log" 2>&1 & echo $! >"$R/run.pid"; wait $!; echo $? >"$R/run.rc"' \
     _ "$ROOT_REMOTE/venv/bin/imprint-jax" "$@" </dev/null >/dev/null 2>&1 &

@@ -359,3 +359,66 @@ def test_worker_start_status_stop(tmp_path):
   assert log[0].endswith(" imprint-jax train --set a=(1, 2)")
   assert log[1:] == [f"args: train --set a=(1, 2) | cache: gs://bkt/jax-cache | cwd: {root}/src",
                      "saving"]
+
+
+STUB = """#!/usr/bin/env bash
+printf '%s\\x1f' "$(basename "$0")" "$@" >> "$STUB_LOG"; printf '\\n' >> "$STUB_LOG"
+"""
+
+
+def test_worker_setup_installs_python_and_package_and_mounts_the_bucket(tmp_path):
+  """`_worker setup` with stand-ins for uv, sudo, apt-get, curl, gcsfuse: the commands it runs."""
+  root = tmp_path / "imprint-jax"
+  (root / "incoming").mkdir(parents=True)
+  shutil.copy(SCRIPT, root / "incoming" / "launch_tpu.sh")
+  (root / "src").mkdir()
+  (root / "src" / "stale.py").write_text("old tree\n")
+  bin_ = tmp_path / "bin"
+  bin_.mkdir()
+  log = tmp_path / "stub.log"
+  stubs = {
+      "uv": STUB + 'if [[ "$1" == venv ]]; then v="${@: -1}"; mkdir -p "$v/bin";'
+            ' cp "$0.python" "$v/bin/python"; fi\n',
+      "uv.python": "#!/usr/bin/env bash\necho stub-python\n",
+      # sudo runs nothing: it records, swallows stdin, and "installs" gcsfuse when asked to.
+      "sudo": STUB + 'cat >/dev/null </dev/stdin 2>/dev/null || true\n'
+              'if [[ "$*" == *"install -y -qq gcsfuse"* ]]; then cp "$0.gcsfuse" "$(dirname "$0")/gcsfuse";'
+              ' chmod +x "$(dirname "$0")/gcsfuse"; fi\n',
+      "sudo.gcsfuse": STUB,
+      "curl": STUB + "echo KEY\n",
+      "lsb_release": STUB + "echo jammy\n",
+      "mountpoint": STUB + "exit 1\n",
+  }
+  for name, text in stubs.items():
+    (bin_ / name).write_text(text)
+    (bin_ / name).chmod(0o755)
+  r = subprocess.run(["bash", "imprint-jax/incoming/launch_tpu.sh", "_worker", "setup", "bkt",
+                      "5000"], cwd=tmp_path, capture_output=True, text=True, timeout=30,
+                     env={**os.environ, "HOME": str(tmp_path), "STUB_LOG": str(log),
+                          "PATH": f"{bin_}:{os.environ['PATH']}"})
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.endswith("ready (stub-python, stub-python)\n")
+  assert sorted(p.name for p in root.iterdir()) == ["gcsfuse-cache", "src", "venv"]
+  assert (root / "src" / "launch_tpu.sh").exists() and not (root / "src" / "stale.py").exists()
+  ran = [line.split(SEP)[:-1] for line in log.read_text().splitlines()]
+  ran[4:6] = sorted(ran[4:6])   # the two sides of one pipeline start in either order
+  assert ran == [
+      ["uv", "python", "install", "3.11"],
+      ["uv", "venv", "-q", "--python", "3.11", "venv"],
+      ["uv", "pip", "install", "-q", "--python", "../venv/bin/python", "-c", "requirements.lock",
+       ".[tpu]"],
+      ["lsb_release", "-cs"],
+      *sorted([["curl", "-fsSL", "https://packages.cloud.google.com/apt/doc/apt-key.gpg"],
+               ["sudo", "tee", "/usr/share/keyrings/cloud.google.asc"]]),
+      ["sudo", "tee", "/etc/apt/sources.list.d/gcsfuse.list"],
+      ["sudo", "apt-get", "update", "-qq"],
+      ["sudo", "DEBIAN_FRONTEND=noninteractive", "apt-get", "install", "-y", "-qq", "gcsfuse"],
+      ["mountpoint", "-q", "/gcs/bkt"],
+      ["sudo", "mkdir", "-p", "/gcs/bkt"],
+      ["sudo", "chown", f"{os.getuid()}:{os.getgid()}", "/gcs/bkt"],
+      ["gcsfuse", "-o", "ro", "--implicit-dirs", "--metadata-cache-ttl-secs=-1",
+       "--stat-cache-max-size-mb=-1", "--type-cache-max-size-mb=-1",
+       "--kernel-list-cache-ttl-secs=-1", f"--cache-dir={root}/gcsfuse-cache",
+       "--file-cache-max-size-mb=5000", "--file-cache-cache-file-for-range-read=true", "bkt",
+       "/gcs/bkt"],
+  ]
