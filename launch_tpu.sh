@@ -227,7 +227,7 @@ if [[ "$VERB" == create || "$VERB" == run ]]; then
 fi
 if [[ "$VERB" == run ]]; then
   [[ ${#CMD[@]} -gt 0 ]] || die "run needs the imprint-jax command after --, e.g." \
-    "-- train --config configs/stage1.py --workdir gs://BUCKET/run"
+    "-- train --config stage1 --workdir gs://BUCKET/run"
 elif [[ ${#CMD[@]} -gt 0 ]]; then
   die "only run takes a command after --"
 fi
