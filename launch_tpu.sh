@@ -84,7 +84,7 @@ worker_setup() {  # _worker setup BUCKET DATA_CACHE_MB  (run from ~/imprint-jax/
   local bucket="$1" cache_mb="$2" pid
   pid=$(worker_job_pid)
   if [[ -n "$pid" ]]; then
-    echo "$PROG: error: $(hostname): a job is running (pid $pid); stop it first" \
+    echo "$PROG: error: $HOSTNAME: a job is running (pid $pid); stop it first" \
          "(launch_tpu.sh stop)" >&2
     exit 3
   fi
@@ -131,14 +131,14 @@ worker_setup() {  # _worker setup BUCKET DATA_CACHE_MB  (run from ~/imprint-jax/
   local pyv jaxv   # (separate assignments, so that a failure stops the setup)
   pyv=$(venv/bin/python --version)
   jaxv=$(venv/bin/python -c 'import jax; print("jax", jax.__version__)')
-  echo "$(hostname): ready ($pyv, $jaxv)"
+  echo "$HOSTNAME: ready ($pyv, $jaxv)"
 }
 
 worker_start() {  # _worker start JAX_CACHE -- IMPRINT_JAX_ARGS...
   local cache="$1" pid; shift 2
   pid=$(worker_job_pid)
   if [[ -n "$pid" ]]; then
-    echo "$PROG: error: $(hostname): a job is already running (pid $pid)" >&2; exit 3
+    echo "$PROG: error: $HOSTNAME: a job is already running (pid $pid)" >&2; exit 3
   fi
   cd "$ROOT_REMOTE/src"
   rm -f "$ROOT_REMOTE/run.rc" "$ROOT_REMOTE/run.pid"
@@ -149,23 +149,23 @@ worker_start() {  # _worker start JAX_CACHE -- IMPRINT_JAX_ARGS...
   R="$ROOT_REMOTE" nohup setsid bash -c \
     '"$@" >>"$R/run.log" 2>&1 & echo $! >"$R/run.pid"; wait $!; echo $? >"$R/run.rc"' \
     _ "$ROOT_REMOTE/venv/bin/imprint-jax" "$@" </dev/null >/dev/null 2>&1 &
-  echo "$(hostname): started imprint-jax $1"
+  echo "$HOSTNAME: started imprint-jax $1"
 }
 
 worker_stop() {
   local pid
   pid=$(worker_job_pid)
-  if [[ -z "$pid" ]]; then echo "$(hostname): no job running"; return 0; fi
+  if [[ -z "$pid" ]]; then echo "$HOSTNAME: no job running"; return 0; fi
   kill -TERM "$pid"
-  echo "$(hostname): sent SIGTERM to $pid (train saves at the next step boundary and exits)"
+  echo "$HOSTNAME: sent SIGTERM to $pid (train saves at the next step boundary and exits)"
 }
 
 worker_status() {
   local pid
   pid=$(worker_job_pid)
-  if [[ -n "$pid" ]]; then echo "$(hostname): running (pid $pid)"
-  elif [[ -f "$ROOT_REMOTE/run.rc" ]]; then echo "$(hostname): exited $(cat "$ROOT_REMOTE/run.rc")"
-  else echo "$(hostname): no job"; fi
+  if [[ -n "$pid" ]]; then echo "$HOSTNAME: running (pid $pid)"
+  elif [[ -f "$ROOT_REMOTE/run.rc" ]]; then echo "$HOSTNAME: exited $(cat "$ROOT_REMOTE/run.rc")"
+  else echo "$HOSTNAME: no job"; fi
 }
 
 if [[ "${1:-}" == _worker ]]; then
