@@ -469,8 +469,10 @@ def markdown(report: dict[str, Any]) -> str:
 
 EPILOG = """\
 Metric weights (local files only; a metric whose weights are missing is skipped with one line):
-  CLIP       huggingface-cli download openai/clip-vit-large-patch14 --local-dir DIR; --clip DIR
-  DINO       huggingface-cli download facebook/dino-vits16 --local-dir DIR; --dino DIR
+  CLIP       hf download openai/clip-vit-large-patch14 config.json model.safetensors
+               --local-dir DIR, then --clip DIR
+  DINO       hf download facebook/dino-vits16 config.json model.safetensors --local-dir DIR,
+               then --dino DIR
              (safetensors; a folder holding only pytorch_model.bin is refused)
   FID        download https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/\
 pt_inception-2015-12-05-6726825d.pth and convert it once (we never unpickle):

@@ -430,7 +430,7 @@ def test_missing_weights_are_skipped_with_one_clear_line(tmp_path):
   assert suite.clip is None and suite.dino is None and suite.inception is None
   clip_msg = suite.skipped["clip"]
   assert clip_msg.startswith(f"CLIP weights not found at {tmp_path / 'nope_clip'}")
-  assert "huggingface-cli download openai/clip-vit-large-patch14" in clip_msg
+  assert "`hf download openai/clip-vit-large-patch14 config.json model.safetensors" in clip_msg
   assert "--clip DIR" in clip_msg
   assert "facebook/dino-vits16" in suite.skipped["dino"] and "--dino" in suite.skipped["dino"]
   fid_msg = suite.skipped["fid"]

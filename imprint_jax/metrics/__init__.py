@@ -44,15 +44,15 @@ DREAMSIM_SKIPPED = ("DreamSim skipped: pip install 'imprint-jax[eval]' and pass"
 def clip_missing_message(path: str | os.PathLike | None) -> str:
   where = f"at {path}" if path else "(no --clip given)"
   return (f"CLIP weights not found {where}: download openai/clip-vit-large-patch14 with"
-          " `huggingface-cli download openai/clip-vit-large-patch14 --local-dir DIR` and pass"
-          " --clip DIR")
+          " `hf download openai/clip-vit-large-patch14 config.json model.safetensors --local-dir"
+          " DIR` and pass --clip DIR")
 
 
 def dino_missing_message(path: str | os.PathLike | None) -> str:
   where = f"at {path}" if path else "(no --dino given)"
   return (f"DINO weights not found {where}: download facebook/dino-vits16 with"
-          " `huggingface-cli download facebook/dino-vits16 --local-dir DIR` (safetensors) and"
-          " pass --dino DIR")
+          " `hf download facebook/dino-vits16 config.json model.safetensors --local-dir DIR`"
+          " (safetensors only) and pass --dino DIR")
 
 
 @functools.cache
