@@ -25,7 +25,6 @@ outputs) and torch's MemTracker peak of live tensors over one untimed step.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path

@@ -12,7 +12,6 @@ import json
 import os
 from pathlib import Path
 
-from flax import nnx
 
 from imprint_jax.convert import common
 from imprint_jax.convert.common import Rule, join
@@ -155,9 +154,3 @@ def save_unet(unet: UNet2DCondition, out_folder: str | os.PathLike) -> Path:
                                                 sort_keys=True) + "\n")
     common.write_safetensors(tmp / f"{WEIGHTS_STEM}.safetensors", tensors)
   return out_folder
-
-
-def unet_param_count(unet: UNet2DCondition) -> int:
-  """Number of parameters (SD 1.5: 859,520,964)."""
-  return sum(int(v.get_value().size) for _, v in nnx.to_flat_state(nnx.state(unet, nnx.Param)))
-

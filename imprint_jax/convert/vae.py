@@ -18,7 +18,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import jax
 from flax import nnx
 
 from imprint_jax.convert import common
@@ -159,8 +158,3 @@ def save_vae(vae: AutoencoderKL, out: str | os.PathLike) -> Path:
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     common.write_safetensors(tmp / f"{WEIGHTS_STEM}.safetensors", tensors)
   return Path(out)
-
-
-def vae_param_count(vae: AutoencoderKL) -> int:
-  """Number of parameters (83,653,863 for the SD VAE)."""
-  return sum(int(v.size) for v in jax.tree.leaves(nnx.state(vae, nnx.Param)))

@@ -31,8 +31,6 @@ UP_BLOCK = "UpDecoderBlock2D"
 _EPS = 1e-6  # every GroupNorm of the SD VAE
 # diffusers' DiagonalGaussianDistribution clamps the log-variance to this range.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
-# diffusers config keys that carry no architecture (or only pipeline hints) and are dropped.
-_IGNORED_KEYS = {"force_upcast", "latents_mean", "latents_std"}
 
 
 @dataclasses.dataclass(frozen=True)

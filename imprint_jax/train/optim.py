@@ -38,7 +38,6 @@ from flax import nnx
 
 from imprint_jax.errors import UserError
 
-COMPONENTS = ("dinov2", "adapter", "unet_decoder", "unet_rest", "vae")
 TRAINABLE_COMPONENTS = ("dinov2", "adapter", "unet_decoder", "unet_rest")
 UNET_DECODER = ("up_blocks", "conv_norm_out", "conv_out")
 
