@@ -644,3 +644,29 @@ def torch_breakdown(step: Callable[[], Any], modules: dict[str, Any], sync) -> d
   top = sorted(((e.self_cpu_time_total / 1e3, e.key, e.count) for e in ka
                 if e.key not in (*modules, "backward", "optimizer")), reverse=True)[:12]
   return {"parts": times, "total": total, "top": top}
+
+
+def trace_top_ops(trace_dir: str | Path, n: int = 15) -> str:
+  """The device ops of a `jax.profiler` trace in `trace_dir` that took the most time, summed
+  by name, as lines of text (GPU/TPU traces; a CPU trace has no device lanes)."""
+  import collections
+  import gzip
+  import json
+  files = sorted(Path(trace_dir).rglob("*.trace.json.gz"))
+  if not files:
+    return f"no trace in {trace_dir}"
+  events = json.load(gzip.open(files[-1]))["traceEvents"]
+  lanes = {e["pid"]: e["args"]["name"] for e in events
+           if e.get("ph") == "M" and e.get("name") == "process_name"}
+  device = {pid for pid, name in lanes.items() if name.startswith("/device:")}
+  if not device:
+    return f"{files[-1]}: no device ops (a CPU trace; benchmarks/train_step.py --profile splits CPU steps)"
+  total = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and e["pid"] in device:
+      total[e["name"]] += e.get("dur", 0)
+  all_us = sum(total.values())
+  lines = [f"device time by op ({files[-1].name}; {all_us / 1e3:.1f} ms over the traced steps):"]
+  for name, us in total.most_common(n):
+    lines.append(f"  {100 * us / all_us:5.1f}%  {us / 1e3:9.2f} ms  {name[:100]}")
+  return "\n".join(lines)

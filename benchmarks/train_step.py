@@ -218,6 +218,16 @@ def measure(stage: int, args, sc: common.Scale, jax_device, torch_device, dtype:
          "memory_line": common.xla_memory_line(jax_step.compiled),
          "flops": f, "losses": losses,
          "build_s": {"jax": jax_step.build_s, "torch": torch_step.build_s}}
+  if args.trace:
+    # A jax.profiler trace of a few of our steps (TensorBoard's profile plugin or xprof reads
+    # it): on accelerators, which op dominates the step.
+    import jax
+    trace_dir = Path(args.trace) / f"stage{stage}"
+    with jax.profiler.trace(str(trace_dir)):
+      for _ in range(3):
+        jax_step()
+    print(f"stage {stage}: jax.profiler trace of 3 steps in {trace_dir}", flush=True)
+    print(common.trace_top_ops(trace_dir), flush=True)
   if args.profile:
     out["profile"] = {
         "jax": (common.xla_cpu_breakdown(jax_step, jax_step.compiled)
@@ -309,7 +319,9 @@ def main(argv=None) -> list[dict]:
                  help="stage 2 on precomputed DINOv2 tokens (data.object_tokens): both sides"
                       " skip DINOv2 and run the adapter on a token batch")
   p.add_argument("--profile", action="store_true",
-                 help="also split one step's time by network, direction and op kind")
+                 help="also split one step's time by network, direction and op kind (CPU)")
+  p.add_argument("--trace", metavar="DIR", default=None,
+                 help="also write a jax.profiler trace of 3 of our steps per stage to DIR")
   args = p.parse_args(argv)
   env = common.setup(args)
   jax_device, torch_device, dtype = env.jax_device, env.torch_device, env.dtype

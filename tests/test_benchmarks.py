@@ -170,3 +170,24 @@ def test_networks_main_smoke(capsys):
   assert all(len(t[k]) == 1 and t[k][0] > 0 for t in times.values() for k in ("jax", "torch"))
   out = capsys.readouterr().out
   assert "jax/torch" in out and "dinov2 fwd+bwd" in out
+
+
+def test_trace_top_ops_sums_device_lanes(tmp_path):
+  import gzip
+  import json
+  from benchmarks import common
+  events = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+            {"ph": "X", "pid": 1, "name": "fusion.1", "dur": 300},
+            {"ph": "X", "pid": 1, "name": "cudnn_fmha", "dur": 400},
+            {"ph": "X", "pid": 1, "name": "fusion.1", "dur": 300},
+            {"ph": "X", "pid": 2, "name": "PjitFunction(jit(step))", "dur": 9000}]
+  folder = tmp_path / "plugins" / "profile" / "run"
+  folder.mkdir(parents=True)
+  with gzip.open(folder / "vm.trace.json.gz", "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  lines = common.trace_top_ops(tmp_path).splitlines()
+  assert "1.0 ms" in lines[0]
+  assert lines[1].split() == ["60.0%", "0.60", "ms", "fusion.1"]
+  assert lines[2].split() == ["40.0%", "0.40", "ms", "cudnn_fmha"]
+  assert len(lines) == 3

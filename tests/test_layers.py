@@ -235,11 +235,11 @@ def test_gpu_attention_asks_cudnn_then_falls_back(monkeypatch):
   real = jax.nn.dot_product_attention
   calls = []
 
-  def refusing(q, k, v, *, implementation=None):
+  def refusing(q, k, v, *, implementation=None, **kw):
     calls.append(implementation)
     if implementation == "cudnn":
       raise NotImplementedError("Unsupported sequence length")
-    return real(q, k, v)
+    return real(q, k, v, **kw)
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", refusing)
   q, k, v = (t.astype(jnp.bfloat16) for t in _qkv(b=1, l=16, s=12, h=2, d=8, seed=4))
@@ -249,6 +249,19 @@ def test_gpu_attention_asks_cudnn_then_falls_back(monkeypatch):
       layers.attention(q, k, v)
   assert calls == ["cudnn", None, None]
   _close(out.astype(jnp.float32), real(q, k, v).astype(jnp.float32), tol=1e-2)
+
+
+def test_cudnn_call_pads_keys_and_masks_the_padding():
+  """The cuDNN call pads 261 keys to 320 and masks the padding by key lengths: the same
+  attention (run here through XLA with the same arguments; cuDNN itself needs a GPU)."""
+  q, k, v = _qkv(b=2, l=32, s=261, h=2, d=8, seed=5)
+  want = jax.nn.dot_product_attention(q, k, v)
+  _close(layers._attention_cudnn(q, k, v, implementation=None), want)
+  grads = jax.grad(_loss(lambda q, k, v: layers._attention_cudnn(q, k, v, None)), (0, 1, 2))
+  for a, b in zip(grads(q, k, v), jax.grad(_loss(jax.nn.dot_product_attention),
+                                           (0, 1, 2))(q, k, v)):
+    assert a.shape == b.shape
+    _close(a, b)
 
 
 @pytest.mark.parametrize("shape", [(4, 16, 64, 64), (8, 4, 32, 256), (4, 64, 256, 32)])

@@ -342,7 +342,7 @@ def attention(q_BLHD: jax.Array, k_BSHD: jax.Array, v_BSHD: jax.Array, *,
   * TPU: splash attention (`_attention_splash`, a Pallas flash-attention kernel that never
     materialises the (L, S) scores) when both sequence lengths are multiples of 128 - the
     UNet's self-attention at 64x64, 32x32 and 16x16 latents - else XLA's fused path;
-  * GPU: cuDNN flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`)
+  * GPU: cuDNN flash attention (`_attention_cudnn`: keys padded to a multiple of 64, masked)
     where cuDNN takes the shapes (`cudnn_supported`), else XLA's fused path (JAX's default
     for `implementation=None` is XLA, never cuDNN); `gpu_attention("xla")` turns cuDNN off;
   * CPU: `_attention_cpu`, the layout XLA's CPU backend runs fastest.
@@ -360,12 +360,34 @@ def attention(q_BLHD: jax.Array, k_BSHD: jax.Array, v_BSHD: jax.Array, *,
   elif where == "gpu" and _GPU_ATTENTION.get() == "cudnn" and cudnn_supported(
       q_BLHD, v_BSHD):
     try:
-      out = jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, implementation="cudnn")
+      out = _attention_cudnn(q_BLHD, k_BSHD, v_BSHD)
     except NotImplementedError:  # JAX's further checks at trace time (vary by version)
       out = jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD)
   else:
     out = jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD)
   return out.astype(dtype)
+
+
+# cuDNN's flash attention takes key lengths that are multiples of this (JAX refuses others
+# for some versions and masks, e.g. the UNet's cross-attention over 261 DINOv2 tokens).
+_CUDNN_KV_MULTIPLE = 64
+
+
+def _attention_cudnn(q_BLHD: jax.Array, k_BSHD: jax.Array, v_BSHD: jax.Array,
+                     implementation: str | None = "cudnn") -> jax.Array:
+  """cuDNN flash attention; keys and values padded with zeros to a multiple of
+  `_CUDNN_KV_MULTIPLE` and the padding masked out by `key_value_seq_lengths` (cuDNN's padding
+  mask, which needs the query lengths too), so the result is that of the unpadded keys.
+  `implementation=None` runs the same call through XLA (tests on CPU)."""
+  b, l = q_BLHD.shape[:2]
+  s = k_BSHD.shape[1]
+  pad = -s % _CUDNN_KV_MULTIPLE
+  if not pad:
+    return jax.nn.dot_product_attention(q_BLHD, k_BSHD, v_BSHD, implementation=implementation)
+  k_BSHD, v_BSHD = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (k_BSHD, v_BSHD))
+  return jax.nn.dot_product_attention(
+      q_BLHD, k_BSHD, v_BSHD, query_seq_lengths=jnp.full((b,), l, jnp.int32),
+      key_value_seq_lengths=jnp.full((b,), s, jnp.int32), implementation=implementation)
 
 
 _GPU_ATTENTION: contextvars.ContextVar[str] = contextvars.ContextVar("gpu_attention",
