@@ -15,16 +15,21 @@ from imprint_jax.errors import UserError
 
 
 def _add_import(sub) -> None:
-  p = sub.add_parser("import", help="import PyTorch weights (SD + DINOv2) into one checkpoint",
+  p = sub.add_parser("import", help="import PyTorch weights (SD + DINOv2, or an export) into one"
+                     " checkpoint",
                      description="Reads a Stable Diffusion pipeline folder (model_index.json with"
                      " unet/ and vae/) or --unet/--vae folders, and a transformers DINOv2 folder;"
                      " adds a freshly initialised content adapter; writes an orbax checkpoint"
-                     " that `train` (init.checkpoint) and `composite` accept. Only safetensors"
+                     " that `train` (init.checkpoint) and `composite` accept. Or, with --export,"
+                     " reads a folder written by `imprint-jax export` back (all four networks,"
+                     " bit-exact, with its sizes, context and prediction type). Only safetensors"
                      " files are read.")
+  p.add_argument("--export", help="a folder written by `imprint-jax export` (instead of"
+                 " --sd/--unet/--vae/--dinov2)")
   p.add_argument("--sd", help="diffusers Stable Diffusion pipeline folder")
   p.add_argument("--unet", help="diffusers UNet folder (instead of --sd)")
   p.add_argument("--vae", help="diffusers VAE folder (instead of --sd)")
-  p.add_argument("--dinov2", required=True, help="transformers Dinov2Model or"
+  p.add_argument("--dinov2", help="transformers Dinov2Model or"
                  " Dinov2WithRegistersModel folder")
   p.add_argument("--out", required=True, help="checkpoint folder to create")
   p.add_argument("--adapter-depth", type=int, default=5)
@@ -35,6 +40,15 @@ def _add_import(sub) -> None:
 
 def _run_import(args) -> int:
   from imprint_jax import interop
+  if args.export is not None:
+    if any(v is not None for v in (args.sd, args.unet, args.vae, args.dinov2)):
+      raise UserError("--export reads a whole exported folder: give it without"
+                      " --sd/--unet/--vae/--dinov2")
+    path = interop.import_export(args.export, args.out)
+    print(f"wrote {path}")
+    return 0
+  if args.dinov2 is None:
+    raise UserError("give --dinov2 DIR (with --sd or --unet/--vae), or --export DIR")
   path = interop.import_pretrained(sd=args.sd, unet=args.unet, vae=args.vae,
                                    dinov2=args.dinov2, out=args.out,
                                    adapter_depth=args.adapter_depth,
@@ -44,18 +58,27 @@ def _run_import(args) -> int:
 
 
 def _add_export(sub) -> None:
-  p = sub.add_parser("export", help="export a checkpoint to PyTorch folders",
-                     description="Writes unet/ and vae/ (diffusers), image_encoder/"
-                     " (transformers Dinov2Model or Dinov2WithRegistersModel) and adapter/"
-                     " (safetensors + config; load it with imprint_jax.torch_adapter).")
+  p = sub.add_parser("export", help="export a checkpoint as a diffusers pipeline folder",
+                     description="Writes a diffusers pipeline folder that PyTorch loads without"
+                     " JAX: DiffusionPipeline.from_pretrained(OUT, trust_remote_code=True)."
+                     " unet/ and vae/ (diffusers), image_encoder/ (transformers DINOv2),"
+                     " adapter/ (the content adapter and its PyTorch code), scheduler/,"
+                     " model_index.json, pipeline_imprint.py, imprint.json and a model card"
+                     " README.md. Float32 weights always; --dtype adds diffusers variant files"
+                     " (load with variant='fp16'/'bf16').")
   p.add_argument("ckpt", help="checkpoint folder, or a training workdir (its best checkpoint)")
   p.add_argument("--out", required=True, help="folder to create")
+  p.add_argument("--dtype", action="append", default=[], choices=("float16", "bfloat16"),
+                 help="also write this precision as a variant (fp16 / bf16); repeatable")
+  p.add_argument("--sampler", choices=("ddim", "dpmpp_2m"), default="ddim",
+                 help="the pipeline's scheduler (default ddim)")
   p.set_defaults(func=_run_export)
 
 
 def _run_export(args) -> int:
   from imprint_jax import interop
-  path = interop.export_pretrained(args.ckpt, args.out)
+  path = interop.export_pretrained(args.ckpt, args.out, dtypes=tuple(dict.fromkeys(args.dtype)),
+                                   sampler=args.sampler)
   print(f"wrote {path}")
   return 0
 

@@ -22,7 +22,7 @@ jitted call; the host pastes each crop back into its background at full resoluti
   5. Device: `generate.composite_latents` (classifier-free guidance, background latent
      blending at every step) + VAE decode, all rows of a batch at once, sharded over the local
      devices; the noise of sample k of a job is drawn from fold_in(PRNGKey(seed), k) alone, so
-     a job's result does not depend on the other rows of its batch.
+     a job's result does not depend on the other rows of its batch (or given: `latents=`).
   6. Paste: the G x G result is resized back to the window and blended into the background
      with alpha = clip(1 - d / feather, 0, 1), d = the Euclidean distance (px) to the region
      (0 inside it). Inside the region the output is the generated pixels; a pixel farther
@@ -437,15 +437,15 @@ def _graphdef_for(cfg: ImprintConfig):
 
 
 def _runner(graphdef, mesh: Mesh, num_steps: int, sampler: str, prediction_type: str,
-            use_cfg: bool):
+            use_cfg: bool, given_latents: bool = False):
   """The jitted batch function (one per static setting; jax.jit caches per shape)."""
-  key = (graphdef, mesh, num_steps, sampler, prediction_type, use_cfg)
+  key = (graphdef, mesh, num_steps, sampler, prediction_type, use_cfg, given_latents)
   if key in _RUNNERS:
     return _RUNNERS[key]
   rows = NamedSharding(mesh, P("batch"))
   repl = NamedSharding(mesh, P())
 
-  def run(state, object_BEE3, target_BGG3, mask_BGG1, seeds_B, sample_B, guidance):
+  def run(state, object_BEE3, target_BGG3, mask_BGG1, seeds_B, sample_B, guidance, latents):
     TRACE_COUNT["n"] += 1
     model = nnx.merge(graphdef, state)
     keys_B2 = jax.vmap(lambda s, k: jax.random.fold_in(jax.random.PRNGKey(s), k))(
@@ -453,13 +453,15 @@ def _runner(graphdef, mesh: Mesh, num_steps: int, sampler: str, prediction_type:
     z = generate.composite_latents(
         model, object_BEE3, target_BGG3, mask_BGG1, keys_B2, num_steps=num_steps,
         guidance=guidance if use_cfg else 1.0, sampler=sampler,
-        prediction_type=prediction_type, blend=True)
+        prediction_type=prediction_type, blend=True,
+        x_T=latents if given_latents else None)
     x = generate.decode_latent(model, z)
     return jnp.floor((x + 1.0) * 127.5 + 0.5).astype(jnp.uint8)
 
   target = mesh.devices.flat[0].platform
   cpu_runtime.on_platform(target)
-  fn = jax.jit(run, in_shardings=(repl, rows, rows, rows, rows, rows, repl),
+  fn = jax.jit(run, in_shardings=(repl, rows, rows, rows, rows, rows, repl,
+                                  rows if given_latents else repl),
                out_shardings=rows, compiler_options=layers.compiler_options(target))
   _RUNNERS[key] = fn
   return fn
@@ -512,6 +514,8 @@ class Compositor:
     self.context = float(context)
     self.prediction_type = prediction_type
     self.dtype = dtype or auto_dtype()
+    self.latent_factor = vae_factor(model.cfg.vae)
+    self.latent_channels = model.cfg.vae.latent_channels
     # Remat policies only matter under a gradient: inference runs without them.
     cfg = model.cfg.with_dtype(self.dtype, remat="none")
     graphdef, state = nnx.split(model)
@@ -547,45 +551,68 @@ class Compositor:
     return prepare(object_image, background, encoder_size=self.encoder_size,
                    generator_size=self.generator_size, context=self.context, **kw)
 
+  def latent_shape(self) -> tuple[int, int, int]:
+    """(h, w, C) of one row's initial noise (`latents=`), NHWC."""
+    side = self.generator_size // self.latent_factor
+    return side, side, self.latent_channels
+
   def submit(self, rows: Sequence[tuple[Prepared, int]], *, batch: int, steps: int,
-             guidance: float, sampler: str) -> Pending:
+             guidance: float, sampler: str, latents: np.ndarray | None = None) -> Pending:
     """Dispatches one device batch of (job, sample index) rows, padded to `batch` rows
-    (a multiple of the device count); returns at once (JAX dispatch is asynchronous)."""
+    (a multiple of the device count); returns at once (JAX dispatch is asynchronous).
+    `latents`: optional initial noise, (len(rows), h, w, C) float32, instead of the seeds'."""
     if not rows or len(rows) > batch or batch % self.num_devices:
       raise ValueError(f"{len(rows)} rows for a batch of {batch} on {self.num_devices} devices")
     padded = list(rows) + [rows[-1]] * (batch - len(rows))
     fn = _runner(self.graphdef, self.mesh, int(steps), sampler, self.prediction_type,
-                 guidance != 1)
+                 guidance != 1, latents is not None)
+    if latents is not None:
+      latents = np.concatenate([latents, np.repeat(latents[-1:], batch - len(rows), 0)])
     out = fn(self.state,
              np.stack([p.object_in for p, _ in padded]),
              np.stack([p.target_in for p, _ in padded]),
              np.stack([p.mask_in for p, _ in padded]),
              np.array([p.seed for p, _ in padded], np.uint32),
              np.array([k for _, k in padded], np.uint32),
-             np.float32(guidance))
+             np.float32(guidance),
+             np.zeros((), np.float32) if latents is None else latents)
     return Pending(out, len(rows))
 
   def run(self, jobs: Sequence[Prepared], *, steps: int = 50, guidance: float = 5.0,
-          sampler: str = "ddim", batch_size: int | None = None) -> list[list[np.ndarray]]:
+          sampler: str = "ddim", batch_size: int | None = None,
+          latents: np.ndarray | None = None) -> list[list[np.ndarray]]:
     """Generates every sample of every job; returns per job its samples, each (H, W, 3) uint8
-    at the job's background resolution. Rows of all jobs share device batches."""
+    at the job's background resolution. Rows of all jobs share device batches.
+
+    `latents`: optional initial noise, NHWC (R, h, w, C) with one row per sample (jobs in
+    order, each job's samples in order; see `latent_shape`), instead of the seeds' noise. The
+    PyTorch pipeline's NCHW `latents=` transposed to NHWC give the same composite.
+    """
     check_sampling(steps, guidance, sampler)
     rows = [(j, k) for j, p in enumerate(jobs) for k in range(p.num_samples)]
+    if latents is not None:
+      latents = np.asarray(latents, np.float32)
+      if latents.shape != (len(rows), *self.latent_shape()):
+        raise UserError(f"latents of shape {latents.shape}: expected"
+                        f" {(len(rows), *self.latent_shape())} (one NHWC row per sample)")
     if not rows:
       return []
     batch = self.batch_rows(batch_size, len(rows))
     results: list[list[np.ndarray]] = [[] for _ in jobs]
     chunks = [rows[i:i + batch] for i in range(0, len(rows), batch)]
 
-    def submit(chunk):
+    def submit(i):
+      chunk = chunks[i]
       return self.submit([(jobs[j], k) for j, k in chunk], batch=batch, steps=steps,
-                         guidance=guidance, sampler=sampler)
+                         guidance=guidance, sampler=sampler,
+                         latents=None if latents is None else latents[i * batch:i * batch
+                                                                      + len(chunk)])
 
-    pending = submit(chunks[0])
+    pending = submit(0)
     for i, chunk in enumerate(chunks):
       crops_n = pending.result()
       if i + 1 < len(chunks):  # keep the device busy while the host pastes
-        pending = submit(chunks[i + 1])
+        pending = submit(i + 1)
       for (j, _), crop in zip(chunk, crops_n):
         p = jobs[j]
         results[j].append(paste(p.background, crop, p.window, p.region, p.feather))
@@ -623,8 +650,8 @@ def composite(model: Imprint | Compositor | str | os.PathLike, object_image: Ima
               seed: int = 0, num_samples: int = 1, sampler: str = "ddim",
               feather: float | None = None, encoder_size: int | None = None,
               generator_size: int | None = None, context: float | None = None,
-              prediction_type: str | None = None, batch_size: int | None = None
-              ) -> list[np.ndarray]:
+              prediction_type: str | None = None, batch_size: int | None = None,
+              latents: np.ndarray | None = None) -> list[np.ndarray]:
   """Composites an object into a background with a stage-2 IMPRINT model.
 
   Args:
@@ -644,6 +671,8 @@ def composite(model: Imprint | Compositor | str | os.PathLike, object_image: Ima
     encoder_size, generator_size, context, prediction_type: override the model's (defaults:
       224, 512, 2.0, 'epsilon', or the checkpoint's recorded values).
     batch_size: rows per device call (default min(num_samples, 8), rounded up to the devices).
+    latents: optional initial noise, NHWC (num_samples, G/8, G/8, 4) float32, instead of the
+      seed's (the PyTorch pipeline's NCHW `latents=`, transposed, give the same composite).
 
   Returns:
     `num_samples` uint8 arrays (H, W, 3) at the background's full resolution.
@@ -667,7 +696,8 @@ def composite(model: Imprint | Compositor | str | os.PathLike, object_image: Ima
                      mask_level=mask_level, seed=seed, num_samples=num_samples,
                      feather=feather)
   batch = batch_size or min(num_samples, DEFAULT_BATCH_SIZE)
-  return comp.run([job], steps=steps, guidance=guidance, sampler=sampler, batch_size=batch)[0]
+  return comp.run([job], steps=steps, guidance=guidance, sampler=sampler, batch_size=batch,
+                  latents=latents)[0]
 
 
 def save_image(image: np.ndarray, path: str | os.PathLike) -> Path:

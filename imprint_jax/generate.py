@@ -83,7 +83,7 @@ def generate_views(model: Imprint, object_BEE3: jax.Array, rng: jax.Array, *, la
 def composite_latents(model: Imprint, object_BEE3: jax.Array, background_BHW3: jax.Array,
                       mask_BHW1: jax.Array, rng: jax.Array, *, num_steps: int, guidance: float,
                       sampler: str = "ddim", prediction_type: str = "epsilon",
-                      blend: bool = True) -> jax.Array:
+                      blend: bool = True, x_T: jax.Array | None = None) -> jax.Array:
   """Stage 2: generate the object into the masked region of the background.
 
   Args:
@@ -91,9 +91,13 @@ def composite_latents(model: Imprint, object_BEE3: jax.Array, background_BHW3: j
     background_BHW3: background crops in [-1, 1] at model resolution (the real pixels
       everywhere, including under the mask).
     mask_BHW1: generation region in {0, 1}.
+    rng: noise keys (see the module docstring); unused when `x_T` is given.
     blend: background latent blending: after every step, the latent outside the mask is
-      replaced by the background's latent noised to the step's level, so the background is
-      kept and the model only has to make the region and its seam consistent.
+      replaced by the background's latent noised to the step's level with the initial noise
+      x_T (as diffusers' inpainting pipelines do), so the background is kept and the model
+      only has to make the region and its seam consistent.
+    x_T: optional initial noise (B, h, w, C) (e.g. to reproduce a PyTorch run); default
+      drawn from `rng`.
 
   Returns:
     The final latent (B, h, w, C), scaled.
@@ -103,15 +107,17 @@ def composite_latents(model: Imprint, object_BEE3: jax.Array, background_BHW3: j
   z_bg = encode_image(model, background_BHW3 * (1.0 - mask_BHW1))   # the condition
   z_full = encode_image(model, background_BHW3)                    # what blending keeps
   m_lat = mask_to_latent(mask_BHW1, factor)
-  noise_rng, blend_rng = _split2(rng)
-  x_T = _normal(noise_rng, z_full.shape)
+  if x_T is None:
+    x_T = _normal(_split2(rng)[0], z_full.shape)
+  elif x_T.shape != z_full.shape:
+    raise ValueError(f"initial latents of shape {x_T.shape}; this batch needs {z_full.shape}")
+  x_T = x_T.astype(jnp.float32)
   schedule = diffusion.sd_schedule()
   denoise = _guided(model, ctx, guidance,
                     lambda x, cond: model.unet_input(x, cond[0], cond[1]))((z_bg, m_lat))
-  blend_noise = _normal(blend_rng, z_full.shape)
 
   def blend_fn(x, t_next):
-    keep = diffusion.add_noise(schedule, z_full, blend_noise, t_next)
+    keep = diffusion.add_noise(schedule, z_full, x_T, t_next)
     return m_lat * x + (1.0 - m_lat) * keep
 
   return sampling.sample(denoise, x_T, num_steps=num_steps, schedule=schedule, sampler=sampler,

@@ -1,4 +1,4 @@
-"""The content adapter in PyTorch, for running an exported IMPRINT image encoder without JAX.
+"""The content adapter in PyTorch: DINOv2 tokens -> UNet cross-attention context.
 
     from transformers import AutoModel
     from imprint_jax.torch_adapter import ContentAdapterTorch
@@ -8,8 +8,13 @@
     uncond = adapter.null(batch, context.shape[1])                  # classifier-free guidance
 
 Same math and parameter names as `imprint_jax.models.adapter.ContentAdapter` (the folder is
-what `imprint_jax.convert.save_adapter` writes). This is the only module of the package that
-imports torch, and it imports nothing that needs JAX.
+what `imprint_jax.convert.save_adapter` writes). A diffusers `ModelMixin`, so a pipeline folder
+loads it as a custom component (`model_index.json`: "adapter": ["torch_adapter",
+"ContentAdapterTorch"]) with `torch_dtype=` and `variant=`.
+
+This file is shipped verbatim into every export (`adapter/torch_adapter.py`), where only torch
+and diffusers exist: it must import neither JAX nor imprint_jax. Bad folders raise ValueError
+with one line naming the problem.
 """
 
 from __future__ import annotations
@@ -21,11 +26,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from imprint_jax.errors import UserError
-
-_FIELDS = ("in_dim", "width", "depth", "num_heads", "mlp_ratio", "out_dim", "layer_norm_eps")
+WEIGHTS_STEM = "diffusion_pytorch_model"
+CONFIG_FIELDS = ("in_dim", "width", "depth", "num_heads", "mlp_ratio", "out_dim",
+                 "layer_norm_eps")
 
 
 class _SelfAttention(nn.Module):
@@ -71,15 +78,16 @@ class _Block(nn.Module):
     return x + self.mlp(self.norm2(x))
 
 
-class ContentAdapterTorch(nn.Module):
+class ContentAdapterTorch(ModelMixin, ConfigMixin):
   """DINOv2 tokens (B, L, in_dim) -> UNet cross-attention context (B, L, out_dim)."""
 
+  config_name = "config.json"
+
+  @register_to_config
   def __init__(self, in_dim: int, width: int | None = None, depth: int = 5, num_heads: int = 1,
                mlp_ratio: float = 4.0, out_dim: int = 768, layer_norm_eps: float = 1e-5):
     super().__init__()
     width = in_dim if width is None else width
-    self.config = {"in_dim": in_dim, "width": width, "depth": depth, "num_heads": num_heads,
-                   "mlp_ratio": mlp_ratio, "out_dim": out_dim, "layer_norm_eps": layer_norm_eps}
     self.proj_in = nn.Linear(in_dim, width) if width != in_dim else None
     hidden = int(width * mlp_ratio)
     self.blocks = nn.ModuleList(
@@ -102,38 +110,45 @@ class ContentAdapterTorch(nn.Module):
     return self.null_context.view(1, 1, -1).expand(batch, length, -1)
 
   @classmethod
-  def from_pretrained(cls, folder: str | os.PathLike, device: Any = None,
-                      dtype: torch.dtype | None = None) -> ContentAdapterTorch:
-    """Loads a folder written by `imprint_jax.convert.save_adapter` (safetensors only)."""
-    from safetensors.torch import load_file
-    folder = Path(folder)
-    config_path, weights_path = folder / "config.json", folder / "model.safetensors"
-    if not config_path.is_file():
-      raise UserError(f"{config_path}: missing (a content-adapter folder needs config.json)")
-    if not weights_path.is_file():
-      raise UserError(f"{folder}: no weights (model.safetensors not found)")
-    try:
-      config = json.loads(config_path.read_text())
-    except ValueError as e:
-      raise UserError(f"{config_path}: not valid JSON ({e})") from None
-    kwargs = {k: v for k, v in config.items() if not k.startswith("_")}
-    unknown = sorted(set(kwargs) - set(_FIELDS) - {"dtype", "remat"})
-    if unknown:
-      raise UserError(f"{config_path}: unknown adapter config key {unknown[0]!r}")
-    if "in_dim" not in kwargs:
-      raise UserError(f"{config_path}: missing 'in_dim'; not a content-adapter config")
-    kwargs = {k: v for k, v in kwargs.items() if k in _FIELDS}
-    model = cls(**kwargs)
-    state = load_file(str(weights_path))
-    want = model.state_dict()
-    for key in want:
-      if key not in state:
-        raise UserError(f"{weights_path}: missing key {key!r}")
-      if tuple(state[key].shape) != tuple(want[key].shape):
-        raise UserError(f"{weights_path}: key {key!r} has shape {tuple(state[key].shape)},"
-                        f" expected {tuple(want[key].shape)}")
-    extra = sorted(set(state) - set(want))
-    if extra:
-      raise UserError(f"{weights_path}: unexpected key {extra[0]!r}")
-    model.load_state_dict(state, strict=True)
-    return model.to(device=device, dtype=dtype).eval()
+  def from_pretrained(cls, folder: str | os.PathLike, *args: Any,
+                      **kwargs: Any) -> ContentAdapterTorch:
+    """diffusers' `ModelMixin.from_pretrained` (torch_dtype=, variant=, ...), after checking a
+    local folder's config and safetensors keys/shapes so that a bad folder fails with one
+    line naming the problem."""
+    local = Path(folder) / (kwargs.get("subfolder") or "")
+    if local.is_dir():
+      _check_folder(cls, local, kwargs.get("variant"))
+    return super().from_pretrained(folder, *args, **kwargs)
+
+
+def _check_folder(cls, folder: Path, variant: str | None) -> None:
+  config_path = folder / "config.json"
+  name = f"{WEIGHTS_STEM}.{variant}.safetensors" if variant else f"{WEIGHTS_STEM}.safetensors"
+  weights_path = folder / name
+  if not config_path.is_file():
+    raise ValueError(f"{config_path}: missing (a content-adapter folder needs config.json)")
+  if not weights_path.is_file():
+    raise ValueError(f"{folder}: no weights ({name} not found)")
+  try:
+    config = json.loads(config_path.read_text())
+  except ValueError as e:
+    raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+  fields = {k: v for k, v in config.items() if not k.startswith("_")}
+  unknown = sorted(set(fields) - set(CONFIG_FIELDS))
+  if unknown:
+    raise ValueError(f"{config_path}: unknown adapter config key {unknown[0]!r}")
+  if "in_dim" not in fields:
+    raise ValueError(f"{config_path}: missing 'in_dim'; not a content-adapter config")
+  from safetensors import safe_open
+  with torch.device("meta"):
+    want = {k: tuple(v.shape) for k, v in cls(**fields).state_dict().items()}
+  with safe_open(str(weights_path), framework="pt") as fh:
+    got = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}
+  for key, shape in want.items():
+    if key not in got:
+      raise ValueError(f"{weights_path}: missing key {key!r}")
+    if got[key] != shape:
+      raise ValueError(f"{weights_path}: key {key!r} has shape {got[key]}, expected {shape}")
+  extra = sorted(set(got) - set(want))
+  if extra:
+    raise ValueError(f"{weights_path}: unexpected key {extra[0]!r}")

@@ -86,8 +86,8 @@ def test_load_round_trip_bit_exact(saved, tmp_path):
   loaded = load_adapter(folder)
   assert loaded.cfg == adapter.cfg
   save_adapter(loaded, tmp_path / "again")
-  first, second = load_file(folder / "model.safetensors"), load_file(
-      tmp_path / "again" / "model.safetensors")
+  first, second = load_file(folder / "diffusion_pytorch_model.safetensors"), load_file(
+      tmp_path / "again" / "diffusion_pytorch_model.safetensors")
   assert sorted(first) == sorted(second)
   assert sorted(first) == sorted(r.torch for r in adapter_rules(adapter.cfg))
   for key in first:
@@ -95,6 +95,17 @@ def test_load_round_trip_bit_exact(saved, tmp_path):
   assert (folder / "config.json").read_text() == (tmp_path / "again" / "config.json").read_text()
   x = jnp.ones((1, 4, 32))
   np.testing.assert_array_equal(np.asarray(_forward(loaded, x)), np.asarray(_forward(adapter, x)))
+
+
+def test_legacy_folder_loads(saved, tmp_path):
+  """Folders of earlier releases (model.safetensors) still load, bit for bit."""
+  adapter, folder = saved
+  (tmp_path / "model.safetensors").write_bytes(
+      (folder / "diffusion_pytorch_model.safetensors").read_bytes())
+  (tmp_path / "config.json").write_text(json.dumps(adapter.cfg.to_json()))
+  x = jnp.ones((1, 4, 32))
+  np.testing.assert_array_equal(np.asarray(_forward(load_adapter(tmp_path), x)),
+                                np.asarray(_forward(adapter, x)))
 
 
 def test_null_shape_and_value(saved):
@@ -128,7 +139,7 @@ def test_folder_without_weights(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(CONFIGS["plain"].to_json()))
   with pytest.raises(UserError, match=f"{tmp_path}: no weights"):
     load_adapter(tmp_path)
-  with pytest.raises(UserError, match=f"{tmp_path}: no weights"):
+  with pytest.raises(ValueError, match=f"{tmp_path}: no weights"):
     ContentAdapterTorch.from_pretrained(tmp_path)
 
 
@@ -141,10 +152,11 @@ def test_pickle_only_folder(tmp_path):
 
 def test_config_missing_or_bad(saved, tmp_path):
   _, folder = saved
-  (tmp_path / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+  weights = "diffusion_pytorch_model.safetensors"
+  (tmp_path / weights).write_bytes((folder / weights).read_bytes())
   with pytest.raises(UserError, match=f"{tmp_path / 'config.json'}: missing"):
     load_adapter(tmp_path)
-  with pytest.raises(UserError, match=f"{tmp_path / 'config.json'}: missing"):
+  with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: missing"):
     ContentAdapterTorch.from_pretrained(tmp_path)
   (tmp_path / "config.json").write_text(json.dumps({"in_dim": 32, "hidden": 3}))
   with pytest.raises(UserError, match="unknown adapter config key 'hidden'"):
@@ -155,9 +167,9 @@ def test_config_missing_or_bad(saved, tmp_path):
 
 
 def _copy_with(folder, tmp_path, edit):
-  tensors = load_file(folder / "model.safetensors")
+  tensors = load_file(folder / "diffusion_pytorch_model.safetensors")
   edit(tensors)
-  save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+  save_file(tensors, tmp_path / "diffusion_pytorch_model.safetensors", metadata={"format": "pt"})
   (tmp_path / "config.json").write_text((folder / "config.json").read_text())
   return tmp_path
 
@@ -167,7 +179,7 @@ def test_missing_key(saved, tmp_path):
   bad = _copy_with(folder, tmp_path, lambda t: t.pop("null_context"))
   with pytest.raises(UserError, match=f"{bad}: missing key 'null_context'"):
     load_adapter(bad)
-  with pytest.raises(UserError, match="missing key 'null_context'"):
+  with pytest.raises(ValueError, match="missing key 'null_context'"):
     ContentAdapterTorch.from_pretrained(bad)
 
 
@@ -177,7 +189,7 @@ def test_wrong_shape(saved, tmp_path):
   bad = _copy_with(folder, tmp_path, lambda t: t.update({key: t[key][:, :16]}))
   with pytest.raises(UserError, match=rf"key '{key}' has shape \(\d+, 16\)"):
     load_adapter(bad)
-  with pytest.raises(UserError, match=rf"key '{key}' has shape \(\d+, 16\)"):
+  with pytest.raises(ValueError, match=rf"key '{key}' has shape \(\d+, 16\)"):
     ContentAdapterTorch.from_pretrained(bad)
 
 

@@ -76,7 +76,9 @@ def test_import_export_round_trip_is_bit_exact(folders, tmp_path):
   tokens = torch.randn(1, 1 + 4 + 4, 32)
   assert adapter(tokens).shape == (1, 9, 32)
   info = json.loads((out / "imprint.json").read_text())
-  assert info["unet_in_channels"] == 4 and info["stage"] == 0
+  assert info["stage"] == 0 and info["format"] == "imprint-jax export"
+  index = json.loads((out / "model_index.json").read_text())
+  assert index["image_encoder"] == ["transformers", "Dinov2WithRegistersModel"]
 
 
 def test_bad_inputs_exit_2_and_write_nothing(folders, tmp_path, capsys):

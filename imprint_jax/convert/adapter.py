@@ -1,7 +1,11 @@
-"""Content-adapter folders (config.json + model.safetensors) <-> `models.adapter.ContentAdapter`.
+"""Content-adapter folders <-> `models.adapter.ContentAdapter`.
 
-The file's names and layout are PyTorch's (`blocks.0.attn.q_proj.weight` is (out, in)), so
-`imprint_jax.torch_adapter.ContentAdapterTorch.from_pretrained` loads the same folder.
+A folder is what diffusers' `ModelMixin.save_pretrained` writes for
+`imprint_jax.torch_adapter.ContentAdapterTorch`: config.json (the architecture fields, with
+`_class_name`) + diffusion_pytorch_model.safetensors (and optional variants such as
+diffusion_pytorch_model.fp16.safetensors). The file's names and layout are PyTorch's
+(`blocks.0.attn.q_proj.weight` is (out, in)), so `ContentAdapterTorch.from_pretrained` loads the
+same folder. Folders of earlier releases (model.safetensors) still load.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from imprint_jax.convert.common import Rule
 from imprint_jax.models.adapter import AdapterConfig, ContentAdapter, abstract_adapter
 
 WHAT = "content adapter"
+WEIGHTS_STEM = "diffusion_pytorch_model"
+TORCH_CLASS = "ContentAdapterTorch"
 
 
 def adapter_rules(cfg: AdapterConfig) -> list[Rule]:
@@ -41,7 +47,9 @@ def load_adapter(folder: str | os.PathLike, dtype: str = "float32",
                  remat: str = "none") -> ContentAdapter:
   """Builds a ContentAdapter from a folder written by `save_adapter` (compute dtype `dtype`)."""
   folder = Path(folder)
-  files = common.find_weight_file(folder, "model")
+  legacy = not any(folder.glob(f"{WEIGHTS_STEM}*.safetensors*")) and (
+      folder / "model.safetensors").is_file()
+  files = common.find_weight_file(folder, "model" if legacy else WEIGHTS_STEM)
   config_path = folder / "config.json"
   cfg = AdapterConfig.from_json(common.read_json(config_path, WHAT), str(config_path),
                                 dtype=dtype, remat=remat)
@@ -52,9 +60,11 @@ def load_adapter(folder: str | os.PathLike, dtype: str = "float32",
 
 
 def save_adapter(adapter: ContentAdapter, out: str | os.PathLike) -> None:
-  """Writes config.json (architecture fields) + model.safetensors (float32), atomically."""
+  """Writes config.json + diffusion_pytorch_model.safetensors (float32), atomically."""
+  from imprint_jax.convert.vae import DIFFUSERS_VERSION
   cfg = dataclasses.replace(adapter.cfg, dtype="float32", remat="none")
   tensors = common.export_from(adapter, adapter_rules(cfg), what=WHAT)
+  config = dict(cfg.to_json(), _class_name=TORCH_CLASS, _diffusers_version=DIFFUSERS_VERSION)
   with common.AtomicDir(out) as tmp:
-    (tmp / "config.json").write_text(json.dumps(cfg.to_json(), indent=2) + "\n")
-    common.write_safetensors(tmp / "model.safetensors", tensors)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    common.write_safetensors(tmp / f"{WEIGHTS_STEM}.safetensors", tensors)
