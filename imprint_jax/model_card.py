@@ -47,7 +47,7 @@ def render(model: Imprint, meta: dict[str, Any], index: dict[str, Any], dtypes: 
   variants = {"float16": "fp16", "bfloat16": "bf16"}
   variant_lines = "".join(
       f"\npipe = DiffusionPipeline.from_pretrained(\"export/\", trust_remote_code=True,"
-      f" variant=\"{variants[d]}\", torch_dtype=torch.{d})" for d in dtypes)
+      f" variant=\"{variants[d]}\", dtype=torch.{d})" for d in dtypes)
   runnable = cfg.stage == 2
   return f"""---
 library_name: diffusers

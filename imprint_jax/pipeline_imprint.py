@@ -516,6 +516,10 @@ class ImprintCompositingPipeline(DiffusionPipeline):
       output_type: "pil" (list of PIL images) or "np" (list of (H, W, 3) uint8 arrays).
     """
     cfg = self.config
+    channels = self.vae.config.latent_channels
+    if self.unet.config.in_channels != 2 * channels + 1:
+      raise ValueError(f"this UNet takes {self.unet.config.in_channels} input channels;"
+                       f" compositing needs {2 * channels + 1} (a stage-2 IMPRINT model)")
     steps = int(cfg.default_num_inference_steps if num_inference_steps is None
                 else num_inference_steps)
     scale = float(cfg.default_guidance_scale if guidance_scale is None else guidance_scale)

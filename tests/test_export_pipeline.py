@@ -94,12 +94,22 @@ def _region_mask() -> np.ndarray:
   return ((xx - 55) / 16) ** 2 + ((yy - 45) / 22) ** 2 < 1
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+  """The tiny torch models gain nothing from threads; on a shared CPU they only contend."""
+  before = torch.get_num_threads()
+  torch.set_num_threads(1)
+  yield
+  torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
   root = tmp_path_factory.mktemp("export")
   model = _random_model(_tiny_config(), seed=0)
   ckpt = ckpt_lib.save_model(root / "ckpt", model, META)
-  assert cli.main(["export", str(ckpt), "--out", str(root / "export"), "--dtype", "float16"]) == 0
+  assert cli.main(["export", str(ckpt), "--out", str(root / "export"), "--dtype", "float16",
+                   "--dtype", "bfloat16"]) == 0
   rng = np.random.default_rng(0)
   inputs = {"object": Image.fromarray(_object_rgba(rng)),
             "background": Image.fromarray(rng.integers(0, 255, (BG_H, BG_W, 3), np.uint8)),
@@ -121,8 +131,9 @@ def _latents(n: int, seed: int = 3) -> np.ndarray:
 
 def test_pipeline_equals_jax_compositor(exported, pipe):
   """Same latents -> the same composite; beyond the seam, the background exactly."""
+  # One device: one row per call (the default mesh pads a row to the 8 test devices).
   comp = compositing.Compositor(exported["model"], encoder_size=E, generator_size=G,
-                                dtype="float32")
+                                dtype="float32", devices=jax.devices()[:1])
   lat = _latents(2)
   cases = [dict(mask=exported["mask"], mask_level=1), dict(box=(30, 20, 80, 70))]
   for i, case in enumerate(cases):
@@ -192,7 +203,7 @@ def test_float16_variant_loads_and_composites(exported):
   assert (out / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
   assert (out / "image_encoder" / "model.fp16.safetensors").is_file()
   pipe16 = DiffusionPipeline.from_pretrained(out, trust_remote_code=True, variant="fp16",
-                                             torch_dtype=torch.float16)
+                                             dtype=torch.float16)
   assert pipe16.unet.dtype == pipe16.adapter.dtype == torch.float16
   assert pipe16.image_encoder.dtype == torch.float16
   lat = torch.from_numpy(_latents(1))
@@ -205,6 +216,13 @@ def test_float16_variant_loads_and_composites(exported):
   diff = np.abs(half.astype(int) - full.astype(int))
   print(f"float16 vs float32: max {diff.max()}, mean {diff.mean():.3f}")
   assert diff.mean() < 2.0 and diff.max() <= 40
+  pipe_bf = DiffusionPipeline.from_pretrained(out, trust_remote_code=True, variant="bf16",
+                                              dtype=torch.bfloat16)
+  assert pipe_bf.unet.dtype == pipe_bf.vae.dtype == torch.bfloat16
+  bf = pipe_bf(**kw).images[0]
+  diff = np.abs(bf.astype(int) - full.astype(int))
+  print(f"bfloat16 vs float32: max {diff.max()}, mean {diff.mean():.3f}")
+  assert diff.mean() < 4.0
 
 
 def test_runs_where_jax_cannot_be_imported(exported, tmp_path):
@@ -243,7 +261,7 @@ def test_runs_where_jax_cannot_be_imported(exported, tmp_path):
       """))
   env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
   env.update(PYTHONPATH=str(blocker), HF_MODULES_CACHE=str(tmp_path / "modules"),
-             HF_HUB_OFFLINE="1")
+             HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
   res = subprocess.run([sys.executable, str(script)], cwd=exported["root"], env=env,
                        capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
@@ -272,7 +290,7 @@ def test_export_records_settings_once_and_card(exported):
           == (pkg / "torch_adapter.py").read_bytes())
   card = (out / "README.md").read_text()
   for needle in ("CreativeML OpenRAIL-M", "Apache License 2.0", "trust_remote_code=True",
-                 'variant="fp16"', "imprint-jax import --export", "train.global_batch: 256",
+                 'variant="fp16"', 'variant="bf16"', "imprint-jax import --export", "train.global_batch: 256",
                  f"G = {G}"):
     assert needle in card, needle
 
@@ -291,6 +309,10 @@ def test_import_export_round_trip_bit_exact(exported, tmp_path):
   assert back.cfg == exported["model"].cfg
   assert compositing.settings_from_meta(meta) == compositing.settings_from_meta(META)
   assert meta["step"] == 7 and meta["config"]["train"]["epochs"] == 15
+  from imprint_jax import convert
+  again, _ = convert.load_export(exported["out"])
+  assert all(np.asarray(v.get_value()).tobytes() == np.asarray(a[k].get_value()).tobytes()
+             for k, v in flat(again).items())
   # And out again: the same files.
   assert cli.main(["export", str(ckpt2), "--out", str(tmp_path / "again")]) == 0
   for sub, stem in (("unet", "diffusion_pytorch_model"), ("adapter", "diffusion_pytorch_model"),
@@ -309,3 +331,15 @@ def test_import_export_errors(exported, tmp_path, capsys):
                    str(tmp_path / "c")]) == 2
   assert "without --sd/--unet/--vae/--dinov2" in capsys.readouterr().err
   assert not (tmp_path / "c").exists()
+
+
+def test_jax_latents_shape_is_checked(exported):
+  from imprint_jax.errors import UserError
+  comp = compositing.Compositor(exported["model"], encoder_size=E, generator_size=G,
+                                dtype="float32", devices=jax.devices()[:1])
+  job = comp.prepare(exported["object"], exported["background"], box=(30, 20, 80, 70))
+  assert comp.latent_shape() == (G // 2, G // 2, 4)  # this tiny VAE halves
+  nchw = _latents(1)
+  with pytest.raises(UserError, match=r"latents of shape \(1, 4, 16, 16\): expected"
+                     r" \(1, 16, 16, 4\) \(one NHWC row per sample\)"):
+    comp.run([job], steps=STEPS, guidance=GUIDANCE, latents=nchw)

@@ -79,6 +79,12 @@ def test_import_export_round_trip_is_bit_exact(folders, tmp_path):
   assert info["stage"] == 0 and info["format"] == "imprint-jax export"
   index = json.loads((out / "model_index.json").read_text())
   assert index["image_encoder"] == ["transformers", "Dinov2WithRegistersModel"]
+  # A stage-0/1 export (4-channel UNet) loads as a pipeline, which refuses to composite.
+  from diffusers import DiffusionPipeline
+  pipe = DiffusionPipeline.from_pretrained(out, trust_remote_code=True)
+  with pytest.raises(ValueError, match="compositing needs 9"):
+    pipe(object_image=np.zeros((8, 8, 3), np.uint8), background_image=np.zeros((8, 8, 3),
+         np.uint8), box=(0, 0, 4, 4))
 
 
 def test_bad_inputs_exit_2_and_write_nothing(folders, tmp_path, capsys):
