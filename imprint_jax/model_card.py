@@ -48,7 +48,10 @@ def render(model: Imprint, meta: dict[str, Any], index: dict[str, Any], dtypes: 
   variant_lines = "".join(
       f"\npipe = DiffusionPipeline.from_pretrained(\"export/\", trust_remote_code=True,"
       f" variant=\"{variants[d]}\", dtype=torch.{d})" for d in dtypes)
-  runnable = cfg.stage == 2
+  warning = "" if cfg.stage == 2 else (
+      f"\n**This export is not a compositing model** (stage {meta.get('stage')}: the UNet has"
+      f" {cfg.unet.in_channels} input channels, compositing needs 9); its components load,"
+      " the pipeline refuses to run.\n")
   return f"""---
 library_name: diffusers
 license: creativeml-openrail-m
@@ -61,7 +64,7 @@ IMPRINT (Song et al., CVPR 2024, arXiv 2403.10701) composites an object into a b
 while keeping its identity. This folder is a diffusers pipeline
 (`pipeline_imprint.ImprintCompositingPipeline`) exported from an imprint-jax checkpoint: it
 runs with torch, diffusers and transformers alone (no JAX).
-{"" if runnable else chr(10) + "**This export is not a compositing model** (stage " + str(meta.get("stage")) + ": the UNet has " + str(cfg.unet.in_channels) + " input channels, compositing needs 9); its components load, the pipeline refuses to run." + chr(10)}
+{warning}
 ## Use in PyTorch
 
 ```python

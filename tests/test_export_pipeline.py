@@ -281,7 +281,8 @@ def test_runs_where_jax_cannot_be_imported(exported, tmp_path):
         else:
           raise SystemExit(name + " imported")
       pipe = DiffusionPipeline.from_pretrained("export", trust_remote_code=True)
-      out = pipe(object_image=Image.open("object.png"), background_image=Image.open("background.png"),
+      out = pipe(object_image=Image.open("object.png"),
+                 background_image=Image.open("background.png"),
                  mask_image=Image.open("mask.png"), mask_level=1, num_inference_steps={STEPS},
                  guidance_scale=5.0, generator=torch.Generator().manual_seed(0))
       out.images[0].save("out.png")
@@ -319,7 +320,8 @@ def test_export_records_settings_once_and_card(exported):
           == (pkg / "torch_adapter.py").read_bytes())
   card = (out / "README.md").read_text()
   for needle in ("CreativeML OpenRAIL-M", "Apache License 2.0", "trust_remote_code=True",
-                 'variant="fp16"', 'variant="bf16"', "imprint-jax import --export", "train.global_batch: 256",
+                 'variant="fp16"', 'variant="bf16"', "imprint-jax import --export",
+                 "train.global_batch: 256",
                  f"G = {G}"):
     assert needle in card, needle
 
