@@ -64,13 +64,14 @@ def resolve(path: str | Path, which: str = "best") -> Path:
   path = Path(path)
   if not path.exists():
     raise UserError(f"{path}: no such checkpoint or workdir")
+  # Absolute: orbax refuses relative paths ("Checkpoint path should be absolute").
   if is_checkpoint(path):
-    return path
+    return path.absolute()
   for root in (path / CHECKPOINTS_DIR, path):
     if root.is_dir():
       found = (_best_step_dir(root) if which == "best" else None) or _latest_step_dir(root)
       if found is not None:
-        return found
+        return found.absolute()
   raise UserError(f"{path}: not an imprint-jax checkpoint (no model/ and meta/ inside, and no"
                   f" {CHECKPOINTS_DIR}/<step>/ holding them)")
 

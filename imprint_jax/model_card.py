@@ -17,7 +17,8 @@ This model is a derivative of its base models and carries their licences:
   licence (SD 2.x: OpenRAIL++-M), including its use-based restrictions, which pass on to
   anyone who uses or redistributes this model.
 - **Image encoder**: DINOv2 (Meta), under the Apache License 2.0.
-- **Content adapter**: trained with imprint-jax (Apache-2.0 code) on the data named below.
+- **Content adapter**: trained with imprint-jax on the data named in the training
+  config above; its use is bound by those data sets' terms as well.
 """
 
 
@@ -46,8 +47,9 @@ def render(model: Imprint, meta: dict[str, Any], index: dict[str, Any], dtypes: 
   cfg = model.cfg
   variants = {"float16": "fp16", "bfloat16": "bf16"}
   variant_lines = "".join(
-      f"\npipe = DiffusionPipeline.from_pretrained(\"export/\", trust_remote_code=True,"
-      f" variant=\"{variants[d]}\", dtype=torch.{d})" for d in dtypes)
+      f"\n# {d} weights:\n# pipe = DiffusionPipeline.from_pretrained(\"export/\","
+      f" trust_remote_code=True,\n#                                  variant=\"{variants[d]}\","
+      f" dtype=torch.{d})" for d in dtypes)
   warning = "" if cfg.stage == 2 else (
       f"\n**This export is not a compositing model** (stage {meta.get('stage')}: the UNet has"
       f" {cfg.unet.in_channels} input channels, compositing needs 9); its components load,"
@@ -77,7 +79,7 @@ out = pipe(object_image=Image.open("object.png"),        # alpha (or object_mask
            background_image=Image.open("background.jpg"),
            mask_image=Image.open("mask.png"),           # or box=(x0, y0, x1, y1)
            mask_level=1, num_inference_steps={index["default_num_inference_steps"]},
-           guidance_scale={index["default_guidance_scale"]},
+           guidance_scale={index["default_guidance_scale"]},  # the defaults
            generator=torch.Generator().manual_seed(0))  # or latents=(B, 4, G/8, G/8) NCHW
 out.images[0].save("composite.png")                     # the background's full size
 ```
@@ -95,22 +97,20 @@ imprint-jax composite --ckpt ckpt/ --object object.png --background background.j
 
 ## What the pipeline needs (recorded once)
 
-- `model_index.json`: encoder size E = {index["encoder_size"]}, generator size
-  G = {index["generator_size"]}, context = {index["context"]} (crop side / region box side),
-  default steps {index["default_num_inference_steps"]}, guidance
-  {index["default_guidance_scale"]}, UNet input channels `{index["unet_input_order"]}`
+- `model_index.json`: encoder size E = {index["encoder_size"]}, generator size G = {index["generator_size"]},
+  context = {index["context"]} (crop side / region box side), default steps
+  {index["default_num_inference_steps"]} and guidance {index["default_guidance_scale"]}, UNet input channels
+  `{index["unet_input_order"]}`
 - `scheduler/`: {sampler} (`{index["scheduler"][1]}`), prediction type in its config
 - `vae/config.json`: scaling factor {cfg.vae.scaling_factor}
 
 ## Architecture
 
-- image encoder: DINOv2 (hidden {cfg.dinov2.hidden_size}, {cfg.dinov2.num_layers} layers,
-  {cfg.dinov2.num_register_tokens} registers), all tokens to the content adapter
-  ({cfg.adapter.depth} blocks, width {cfg.adapter.width or cfg.adapter.in_dim}, out
-  {cfg.adapter.out_dim}; learned null context for classifier-free guidance)
-- UNet: SD UNet2DConditionModel, {cfg.unet.in_channels} input channels, blocks
-  {list(cfg.unet.block_out_channels)}; VAE: AutoencoderKL, {cfg.vae.latent_channels} latent
-  channels
+- image encoder: DINOv2 (hidden {cfg.dinov2.hidden_size}, {cfg.dinov2.num_layers} layers, {cfg.dinov2.num_register_tokens} registers); all its tokens go
+  through the content adapter ({cfg.adapter.depth} blocks, width {cfg.adapter.width or cfg.adapter.in_dim}, out {cfg.adapter.out_dim}; a learned
+  null context for classifier-free guidance) into the UNet's cross-attention
+- UNet: SD UNet2DConditionModel, {cfg.unet.in_channels} input channels, blocks {list(cfg.unet.block_out_channels)}
+- VAE: AutoencoderKL, {cfg.vae.latent_channels} latent channels
 
 ## Training config (in short; full config in imprint.json)
 
