@@ -135,7 +135,7 @@ class TorchSampler:
       cond = torch.cat([z_bg, m_lat], dim=1).float()
       cond2 = torch.cat([cond, cond])
       x = torch.randn(z_full.shape, generator=self.gen, device=self.device)
-      blend_noise = torch.randn(z_full.shape, generator=self.gen, device=self.device)
+      blend_noise = x  # blending re-noises with the initial noise, as generate.py does
       self.sched.set_timesteps(self.steps, device=self.device)
       ratio = self.sched.config.num_train_timesteps // self.steps
       for t in self.sched.timesteps:
