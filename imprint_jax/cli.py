@@ -70,8 +70,9 @@ def _add_export(sub) -> None:
   p.add_argument("--out", required=True, help="folder to create")
   p.add_argument("--dtype", action="append", default=[], choices=("float16", "bfloat16"),
                  help="also write this precision as a variant (fp16 / bf16); repeatable")
-  p.add_argument("--sampler", choices=("ddim", "dpmpp_2m"), default="ddim",
-                 help="the pipeline's scheduler (default ddim)")
+  p.add_argument("--sampler", choices=("ddim", "dpmpp_2m"), default=None,
+                 help="the pipeline's scheduler (default ddim, or what an imported export"
+                 " recorded)")
   p.set_defaults(func=_run_export)
 
 

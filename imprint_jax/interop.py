@@ -120,23 +120,26 @@ def _source_dir() -> Path:
 
 
 def export_pretrained(ckpt: str, out: str, *, dtypes: tuple[str, ...] = (),
-                      sampler: str = "ddim") -> Path:
+                      sampler: str | None = None) -> Path:
   """A checkpoint -> a diffusers pipeline folder (float32 weights, plus `dtypes` variants).
 
   Writes unet/ and vae/ (diffusers), image_encoder/ (transformers DINOv2), adapter/ (the
   content adapter with its PyTorch code), scheduler/, model_index.json, pipeline_imprint.py
   (the `ImprintCompositingPipeline`, PyTorch only), imprint.json and a model card README.md.
   Stage-2 checkpoints give a runnable compositing pipeline; the others carry the same
-  components (their pipeline refuses to run: the UNet lacks the 9 input channels).
+  components (their pipeline refuses to run: the UNet lacks the 9 input channels). `sampler`
+  (default: the one an imported export recorded, else 'ddim') picks scheduler/.
   """
   from imprint_jax import compositing
   for d in dtypes:
     if d not in VARIANTS:
       raise UserError(f"--dtype {d}: expected float16 or bfloat16 (float32 is always written)")
-  if sampler not in SCHEDULERS:
+  if sampler is not None and sampler not in SCHEDULERS:
     raise UserError(f"--sampler {sampler}: expected one of {', '.join(SCHEDULERS)}")
   model, meta = ckpt_lib.load_model(ckpt)
   settings = compositing.settings_from_meta(meta)
+  pipeline = meta.get("pipeline") or {}  # an imported export's defaults
+  sampler = sampler or pipeline.get("sampler", "ddim")
   out = Path(out)
   registers = model.cfg.dinov2.num_register_tokens > 0
   with AtomicDir(out) as tmp:
@@ -166,8 +169,10 @@ def export_pretrained(ckpt: str, out: str, *, dtypes: tuple[str, ...] = (),
         "encoder_size": settings["encoder_size"],
         "generator_size": settings["generator_size"],
         "context": settings["context"],
-        "default_num_inference_steps": DEFAULT_STEPS,
-        "default_guidance_scale": DEFAULT_GUIDANCE,
+        "default_num_inference_steps": int(pipeline.get("default_num_inference_steps",
+                                                        DEFAULT_STEPS)),
+        "default_guidance_scale": float(pipeline.get("default_guidance_scale",
+                                                     DEFAULT_GUIDANCE)),
         "unet_input_order": UNET_INPUT_ORDER,
     }
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -215,7 +220,9 @@ def load_export(folder: str | Path) -> tuple[Imprint, dict[str, Any]]:
   Reads the float32 files (never a lower-precision variant), so JAX -> export -> JAX is bit
   exact. The metadata holds the stage, step and training config, with the runner settings
   put back where training writes them (config.data / config.train), so `Compositor.
-  from_checkpoint` of the imported checkpoint uses the same E, G, context and prediction type.
+  from_checkpoint` of the imported checkpoint uses the same E, G, context and prediction type;
+  the folder's sampler and default steps/guidance are kept under 'pipeline' (a later export
+  writes them again).
   """
   folder = Path(folder)
   if not folder.is_dir():
@@ -234,7 +241,9 @@ def load_export(folder: str | Path) -> tuple[Imprint, dict[str, Any]]:
   config.setdefault("data", {}).update({k: settings[k] for k in _RUNNER_KEYS["data"]})
   config.setdefault("train", {})["prediction_type"] = settings["prediction_type"]
   meta = {"stage": info.get("stage", model.cfg.stage), "step": info.get("step"),
-          "sources": {"export": str(folder)}, "config": config}
+          "sources": {"export": str(folder)}, "config": config,
+          "pipeline": {k: settings[k] for k in ("sampler", "default_num_inference_steps",
+                                                "default_guidance_scale")}}
   return model, meta
 
 

@@ -343,12 +343,17 @@ def test_import_export_round_trip_bit_exact(exported, tmp_path, monkeypatch):
   assert back.cfg == exported["model"].cfg
   assert compositing.settings_from_meta(meta) == compositing.settings_from_meta(META)
   assert meta["step"] == 7 and meta["config"]["train"]["epochs"] == 15
+  assert meta["pipeline"] == {"sampler": "ddim", "default_num_inference_steps": 50,
+                              "default_guidance_scale": 5.0}
   from imprint_jax import convert
   again, _ = convert.load_export(exported["out"])
   assert all(np.asarray(v.get_value()).tobytes() == np.asarray(a[k].get_value()).tobytes()
              for k, v in flat(again).items())
   # And out again: the same files.
   assert cli.main(["export", "back", "--out", "again"]) == 0
+  for name in ("model_index.json", "scheduler/scheduler_config.json", "vae/config.json",
+               "pipeline_imprint.py"):
+    assert (exported["out"] / name).read_text() == (tmp_path / "again" / name).read_text(), name
   for sub, stem in (("unet", "diffusion_pytorch_model"), ("adapter", "diffusion_pytorch_model"),
                     ("image_encoder", "model"), ("vae", "diffusion_pytorch_model")):
     first = load_file(exported["out"] / sub / f"{stem}.safetensors")
@@ -377,3 +382,20 @@ def test_jax_latents_shape_is_checked(exported):
   with pytest.raises(UserError, match=r"latents of shape \(1, 4, 16, 16\): expected"
                      r" \(1, 16, 16, 4\) \(one NHWC row per sample\)"):
     comp.run([job], steps=STEPS, guidance=GUIDANCE, latents=nchw)
+
+
+def test_pipeline_bad_input_is_one_clear_error(exported, pipe):
+  obj, bg = exported["object"], exported["background"]
+  cases = [
+      (dict(mask_image=exported["mask"], box=(0, 0, 9, 9)), "exactly one of mask_image"),
+      (dict(box=(50, 20, 30, 70)), r"box \(50,20,30,70\): need 0 <= x0 < x1 <= 120"),
+      (dict(box=(30, 20, 80, 70), mask_level=2), "mask_level 2 needs a mask"),
+      (dict(mask_image=Image.new("L", (10, 10), 255)), "differs from the background's 120x90"),
+      (dict(box=(30, 20, 80, 70), latents=torch.zeros(1, 4, 8, 8)),
+       r"latents of shape \(1, 4, 8, 8\): expected \(1, 4, 16, 16\)"),
+      (dict(box=[(30, 20, 80, 70)] * 3, background_image=[bg, bg]), "2 items for a batch of 3"),
+  ]
+  for kw, message in cases:
+    kw = {"object_image": obj, "background_image": bg, "num_inference_steps": 1, **kw}
+    with pytest.raises(ValueError, match=message):
+      pipe(**kw)
