@@ -132,7 +132,11 @@ def print_plan(p: Plan, hbm_gib: float | None = None) -> bool:
       ("total / device", f"{p.total_bytes / GIB:8.2f} GiB"),
   ]
   if p.flops:
-    rows.append(("step FLOPs / device", f"{p.flops / 1e12:.2f} TFLOP"))
+    # XLA's cost analysis counts a loop's body once: on CPU devices the attention over long
+    # sequences loops over query blocks (layers._blocked_attention), so the figure is low.
+    note = " (XLA estimate; CPU attention loops counted once: a lower bound)" if (
+        p.target == "virtual CPU devices") else ""
+    rows.append(("step FLOPs / device", f"{p.flops / 1e12:.2f} TFLOP{note}"))
   rows.append(("compile time", f"{p.compile_s:.0f} s"))
   fits = True
   if hbm_gib is not None:
