@@ -42,7 +42,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
       "unet_decoder": {"lr": 2e-5, "warmup_steps": 500, "decay": "constant"},
       "unet_rest": None,
   })
-  c.phases = ml_collections.ConfigDict({"epochs": ()})  # one phase
+  c.phases = ml_collections.ConfigDict({"epochs": (), "steps": (),
+                                        "allow_cut": False})  # one phase
 
   if arg == "tiny":
     common.tiny_overrides(c)

@@ -47,7 +47,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.train.epochs = 15
   c.train.embed_dropout = 0.1
-  c.phases = ml_collections.ConfigDict({"epochs": (10,)})  # phase boundary after 10 epochs
+  # Phase boundary after 10 epochs (`steps`, when set, gives boundaries in steps instead).
+  # `train` refuses a run that ends before a phase starts (e.g. a shortened train.num_steps)
+  # unless allow_cut is True.
+  c.phases = ml_collections.ConfigDict({"epochs": (10,), "steps": (),
+                                        "allow_cut": False})
   c.components = ml_collections.ConfigDict({
       "dinov2": None,  # frozen: the stage-1 encoder backbone
       "adapter": {"phase_lrs": (LARGE_LR, SMALL_LR), "warmup_steps": 500},

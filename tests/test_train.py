@@ -375,6 +375,33 @@ def test_bad_config_values_fail_before_compiling(sources, tmp_path):
   assert out.stderr.strip().splitlines()[-1].startswith("imprint-jax train: error:")
 
 
+def test_phase_boundary_past_the_end_is_refused_before_compiling(sources, tmp_path,
+                                                                 monkeypatch):
+  def no_compile(setup):
+    raise AssertionError("compiled a run the phase guard should have refused")
+
+  monkeypatch.setattr(loop, "compile_steps", no_compile)
+  monkeypatch.setattr(setup_lib, "init_state", no_compile)
+  for bounds in ((STEPS,), (STEPS + 5,), (0,)):
+    c = tiny(2, sources, **{"init.encoder_from": "", "phases.steps": bounds})
+    c.allow_random_encoder = True
+    with pytest.raises(UserError, match=r"phase \d of 2 gets no step: phase boundaries at"
+                       rf" steps \[{bounds[0]}\] \(phases.steps=\({bounds[0]},\)\), the run"
+                       rf" has {STEPS} steps .*set phases.allow_cut=True"):
+      loop.train(c, tmp_path / "w")
+  assert not list((tmp_path / "w").glob("checkpoints*"))
+  # The full stage-2 config shortened by train.num_steps: the epoch-based boundary is past it.
+  full = run_config.load("configs/stage2.py", ["train.num_steps=100"])
+  with pytest.raises(UserError, match=r"phase 2 of 2 gets no step.*phases.epochs=\(10,\)"):
+    setup_lib.check_phases(full, setup_lib.phase_boundaries(full, 50), 100)
+  # Allowed explicitly: the log line says so; a boundary inside the run is logged with its step.
+  full.phases.allow_cut = True
+  line = setup_lib.check_phases(full, setup_lib.phase_boundaries(full, 50), 100)
+  assert "phases.allow_cut=True: phase 2 of 2 gets no step" in line
+  assert setup_lib.check_phases(full, [60], 100) == (
+      "2 phases (phases.epochs=(10,)): phase 1 steps 1-60, phase 2 steps 61-100")
+
+
 def test_plan_reports_memory(sources, capsys):
   from imprint_jax.train import plan
   c = tiny(1, sources)

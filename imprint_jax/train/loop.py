@@ -194,6 +194,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     raise UserError(f"the run has {total_steps} steps: fewer pairs than one global batch"
                     f" ({c.train.global_batch})")
   setup = setup_lib.build(c, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+  phases = setup_lib.check_phases(c, setup.boundaries, total_steps)
   if setup_lib.uses_object_tokens(c):
     from imprint_jax.data_prep import shards
     token_store.check_sources(token_store.load_manifest(c.data.object_tokens), sources,
@@ -207,6 +208,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
                     " to continue or use a new --workdir")
   log.info("stage %d: %d steps (%d per epoch), global batch %d, mesh %s", c.stage, total_steps,
            steps_per_epoch, c.train.global_batch, dict(setup.mesh.shape))
+  log.info("%s", phases)
   if resume and latest is not None:
     state, meta = ckpts.restore(setup)
     data_state = meta.get("data_state")

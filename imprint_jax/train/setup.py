@@ -115,6 +115,35 @@ def phase_boundaries(c: ml_collections.ConfigDict, steps_per_epoch: int) -> list
   return [int(e * steps_per_epoch) for e in c.phases.get("epochs", ())]
 
 
+def check_phases(c: ml_collections.ConfigDict, boundaries: list[int], total_steps: int) -> str:
+  """Refuses (one line) phase boundaries that leave a phase without a single step, unless
+  `phases.allow_cut`; returns the line `train` logs at start.
+
+  A boundary b means updates 0..b-1 use the previous phase's rates and b.. the next one's
+  (`optim.Schedule.fn`), so every phase runs only if 0 < b_1 < ... < b_n < total_steps. A run
+  shortened by `train.num_steps` that ends before stage 2's swap would otherwise silently
+  never train its second phase."""
+  if not boundaries:
+    return f"one phase: {total_steps} steps"
+  where = (f"phases.steps={tuple(c.phases.steps)}" if tuple(c.phases.get("steps", ()))
+           else f"phases.epochs={tuple(c.phases.get('epochs', ()))}")
+  spans = [0, *boundaries, total_steps]
+  n = len(spans) - 1
+  # Metrics step s is update s - 1: phase i runs steps spans[i] + 1 .. spans[i + 1].
+  parts = [f"phase {i + 1} steps {spans[i] + 1}-{spans[i + 1]}" for i in range(n)]
+  line = f"{n} phases ({where}): {', '.join(parts)}"
+  cut = [i for i in range(n) if spans[i + 1] <= spans[i]]
+  if not cut:
+    return line
+  problem = (f"phase {cut[0] + 1} of {n} gets no step: phase boundaries at steps {boundaries}"
+             f" ({where}), the run has {total_steps} steps")
+  if c.phases.get("allow_cut", False):
+    return f"{line}; phases.allow_cut=True: {problem}"
+  raise UserError(f"{problem} (stage 2's adapter/UNet learning-rate swap would not happen as"
+                  " configured); lengthen the run, move the boundary (phases.steps or"
+                  " phases.epochs) or set phases.allow_cut=True")
+
+
 @dataclasses.dataclass
 class Setup:
   """Everything static about a run: model config, mesh, shardings, optimizer, step configs."""
