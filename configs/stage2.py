@@ -40,6 +40,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.generator_size = 512
   c.data.mask_level_probs = (0.25, 0.25, 0.25, 0.25)
   c.data.augment_video_objects = True
+  # Colour LUTs of the object perturbation: "" = random smooth synthetic tables; a folder =
+  # its 3-D .cube files (the paper uses SSH's photo-filter LUTs; docs/paper_fidelity.md).
+  c.data.lut_dir = ""
   # Precomputed DINOv2 tokens (`imprint-jax encode-objects` output); "" = run DINOv2 per step.
   c.data.object_tokens = ""
   c.data.num_workers = 8

@@ -120,3 +120,69 @@ def test_bad_config_is_a_user_error():
     augment.AugmentConfig(hflip_prob=1.5)
   with pytest.raises(UserError, match="scale"):
     augment.AugmentConfig(scale=(1.2, 0.8))
+
+
+def _write_cube(path, size, fn, header=""):
+  """A .cube file whose output colour at input (r, g, b) is fn(r, g, b), red fastest."""
+  grid = np.linspace(0.0, 1.0, size)
+  rows = [" ".join(f"{v:.6f}" for v in fn(r, g, b)) for b in grid for g in grid for r in grid]
+  path.write_text(f'# test LUT\nTITLE "t"\n{header}LUT_3D_SIZE {size}\n'
+                  "DOMAIN_MIN 0 0 0\nDOMAIN_MAX 1.0 1.0 1.0\n\n" + "\n".join(rows) + "\n")
+  return path
+
+
+def test_cube_files_identity_and_colour_swap(tmp_path):
+  rng = np.random.default_rng(0)
+  img = rng.integers(0, 256, (E, E, 3), dtype=np.uint8)
+  ident = augment.read_cube(_write_cube(tmp_path / "ident.cube", 5, lambda r, g, b: (r, g, b)))
+  assert ident.shape == (5, 5, 5, 3) and ident.dtype == np.float32
+  assert np.abs(augment.apply_lut(img, ident).astype(int) - img).max() <= 1
+  # Red and blue swapped: linear in the input, so trilinear interpolation reproduces it.
+  (tmp_path / "sub").mkdir()
+  swap = augment.read_cube(_write_cube(tmp_path / "sub" / "swap.CUBE", 3,
+                                       lambda r, g, b: (b, g, r)))
+  assert np.abs(augment.apply_lut(img, swap).astype(int) - img[..., ::-1]).max() <= 1
+  # From a folder (recursive): each object gets one of the two tables, background untouched.
+  obj, mask = _object(rng)
+  cfg = dataclasses.replace(OFF, lut_prob=1.0, lut_dir=str(tmp_path))
+  assert len(augment.load_lut_dir(str(tmp_path))) == 2
+  m = mask[..., 0] > 0
+  seen = set()
+  for seed in range(12):
+    out = augment.random_colour(obj, mask, cfg, np.random.default_rng(seed))
+    np.testing.assert_array_equal(out[~m], obj[~m])
+    if np.abs(out[m].astype(int) - obj[m]).max() <= 1:
+      seen.add("ident")
+    else:
+      assert np.abs(out[m].astype(int) - obj[m][:, ::-1]).max() <= 1
+      seen.add("swap")
+  assert seen == {"ident", "swap"}
+
+
+def test_bad_cube_files_are_one_line_errors(tmp_path):
+  ok = lambda r, g, b: (r, g, b)  # noqa: E731
+  with pytest.raises(UserError, match="1-D LUT"):
+    augment.read_cube(_write_cube(tmp_path / "a.cube", 2, ok, header="LUT_1D_SIZE 4\n"))
+  short = _write_cube(tmp_path / "b.cube", 3, ok)
+  short.write_text("\n".join(short.read_text().splitlines()[:-2]) + "\n")
+  with pytest.raises(UserError, match=r"b.cube: 25 rows, LUT_3D_SIZE 3 needs 27"):
+    augment.read_cube(short)
+  bad = _write_cube(tmp_path / "c.cube", 2, ok)
+  bad.write_text(bad.read_text().replace("DOMAIN_MAX 1.0 1.0 1.0", "DOMAIN_MAX 4 4 4"))
+  with pytest.raises(UserError, match="only the domain 0..1"):
+    augment.read_cube(bad)
+  with pytest.raises(UserError, match="no such folder"):
+    augment.AugmentConfig(lut_dir=str(tmp_path / "missing"))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(UserError, match="holds no .cube files"):
+    augment.AugmentConfig(lut_dir=str(tmp_path / "empty"))
+
+
+def test_run_config_lut_dir_reaches_the_pipeline(tmp_path):
+  from imprint_jax.train import data as train_data
+  from imprint_jax.train import run_config
+  _write_cube(tmp_path / "x.cube", 2, lambda r, g, b: (r, g, b))
+  c = run_config.load("configs/stage2.py:tiny")
+  assert train_data.data_config(c, [], "train").augment.lut_dir == ""  # synthetic by default
+  c = run_config.load("configs/stage2.py:tiny", [f"data.lut_dir={tmp_path}"])
+  assert train_data.data_config(c, [], "train").augment.lut_dir == str(tmp_path)

@@ -15,13 +15,17 @@ always sees the whole object. Colour ops touch the object only; the background s
 The LUT perturbation is a random smooth 3-D colour look-up table: the identity on a
 `lut_size`^3 grid plus low-frequency offsets (Gaussian noise on a 4^3 grid, cubic-upsampled),
 applied with trilinear interpolation - a non-linear, channel-coupled recolouring similar to the
-photo-retouching LUTs of the harmonisation literature.
+photo-retouching LUTs of the harmonisation literature. With `lut_dir` the table is instead one
+of the 3-D LUT files (`.cube`, e.g. the photo filters of SSH, which the paper uses) in that
+folder, drawn uniformly, applied the same way (`read_cube`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFilter
@@ -54,6 +58,9 @@ class AugmentConfig:
     lut_prob: probability of a random smooth 3-D LUT.
     lut_strength: standard deviation of the LUT's offsets, in [0, 1] colour units.
     lut_size: LUT grid points per axis (17 or 33 are the usual sizes).
+    lut_dir: a folder of 3-D LUT files (`*.cube`, searched recursively): when set, the LUT
+      is one of them (uniformly) instead of a random synthetic one; lut_strength and lut_size
+      then do not apply. "" = synthetic tables.
   """
   affine_prob: float = 0.8
   rotation_deg: float = 15.0
@@ -72,6 +79,7 @@ class AugmentConfig:
   lut_prob: float = 0.5
   lut_strength: float = 0.06
   lut_size: int = 17
+  lut_dir: str = ""
 
   def __post_init__(self):
     for name in ("affine_prob", "perspective_prob", "hflip_prob", "colour_prob", "lut_prob"):
@@ -84,6 +92,8 @@ class AugmentConfig:
         raise UserError(f"AugmentConfig.{name}={(lo, hi)}: expected 0 < min <= max")
     if self.lut_size < 2:
       raise UserError(f"AugmentConfig.lut_size={self.lut_size}: expected at least 2")
+    if self.lut_dir:
+      load_lut_dir(self.lut_dir)  # fails loudly now, not in a data worker
 
   def perturb(self) -> AugmentConfig:
     """This config with the affine and the colour jitter always on (stage-2 'image' pairs)."""
@@ -288,9 +298,89 @@ def apply_lut(image: np.ndarray, lut: np.ndarray) -> np.ndarray:
   return np.array(Image.fromarray(image).filter(ImageFilter.Color3DLUT(size, table)))
 
 
+# PIL's Color3DLUT (trilinear) takes 2..65 points per axis.
+MAX_CUBE_SIZE = 65
+
+
+def read_cube(path: str | os.PathLike) -> np.ndarray:
+  """A 3-D LUT in the Adobe/Resolve `.cube` text format, as `apply_lut` takes it.
+
+  Lines: `LUT_3D_SIZE N`, optional `TITLE`, `DOMAIN_MIN`/`DOMAIN_MAX` (only 0 0 0 / 1 1 1
+  is accepted), `#` comments, then N^3 rows of output "r g b" with red varying fastest,
+  then green, then blue. 1-D LUTs (`LUT_1D_SIZE`) are refused.
+
+  Returns:
+    (N, N, N, 3) float32 indexed [r, g, b], clipped to [0, 1]. Raises UserError naming the
+    file and the problem.
+  """
+  path = Path(path)
+  try:
+    text = path.read_text(encoding="utf-8", errors="strict")
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f"LUT {path}: unreadable ({type(e).__name__})") from None
+  size, rows = None, []
+  for lineno, raw in enumerate(text.splitlines(), 1):
+    line = raw.split("#", 1)[0].strip()
+    if not line:
+      continue
+    head, *rest = line.split()
+    key = head.upper()
+    try:
+      if key == "TITLE":
+        continue
+      if key == "LUT_1D_SIZE":
+        raise UserError(f"LUT {path}: a 1-D LUT (LUT_1D_SIZE); a 3-D LUT is needed")
+      if key == "LUT_3D_SIZE":
+        size = int(rest[0])
+        continue
+      if key in ("DOMAIN_MIN", "DOMAIN_MAX"):
+        want = 0.0 if key == "DOMAIN_MIN" else 1.0
+        if [float(v) for v in rest] != [want] * 3:
+          raise UserError(f"LUT {path} line {lineno}: {line!r}; only the domain 0..1 is"
+                          " supported")
+        continue
+      if key == "LUT_3D_INPUT_RANGE":
+        if [float(v) for v in rest] != [0.0, 1.0]:
+          raise UserError(f"LUT {path} line {lineno}: {line!r}; only the range 0..1 is"
+                          " supported")
+        continue
+      values = [float(v) for v in line.split()]
+    except (ValueError, IndexError):
+      raise UserError(f"LUT {path} line {lineno}: cannot read {line!r}") from None
+    if len(values) != 3:
+      raise UserError(f"LUT {path} line {lineno}: expected 3 numbers, got {line!r}")
+    rows.append(values)
+  if size is None:
+    raise UserError(f"LUT {path}: no LUT_3D_SIZE line (not a 3-D .cube file)")
+  if not 2 <= size <= MAX_CUBE_SIZE:
+    raise UserError(f"LUT {path}: LUT_3D_SIZE {size}; supported sizes are 2..{MAX_CUBE_SIZE}")
+  if len(rows) != size ** 3:
+    raise UserError(f"LUT {path}: {len(rows)} rows, LUT_3D_SIZE {size} needs {size ** 3}")
+  table = np.asarray(rows, np.float32)
+  if not np.isfinite(table).all():
+    raise UserError(f"LUT {path}: holds non-finite values")
+  # Rows run red fastest: reshaped they are [b, g, r]; apply_lut indexes [r, g, b].
+  lut = table.reshape(size, size, size, 3).transpose(2, 1, 0, 3)
+  return np.ascontiguousarray(np.clip(lut, 0.0, 1.0))
+
+
+@functools.lru_cache(maxsize=4)
+def load_lut_dir(folder: str) -> tuple[np.ndarray, ...]:
+  """Every `*.cube` file under `folder` (recursively, in path order), parsed once per
+  process. UserError if the folder is missing, holds none, or one does not parse."""
+  root = Path(folder)
+  if not root.is_dir():
+    raise UserError(f"LUT folder {folder}: no such folder (data.lut_dir)")
+  files = sorted(p for p in root.rglob("*") if p.suffix.lower() == ".cube" and p.is_file())
+  if not files:
+    raise UserError(f"LUT folder {folder}: holds no .cube files (data.lut_dir)")
+  return tuple(read_cube(p) for p in files)
+
+
 def random_colour(image: np.ndarray, mask: np.ndarray, cfg: AugmentConfig,
                   rng: np.random.Generator) -> np.ndarray:
-  """Brightness, contrast, saturation, hue, gamma and a random LUT on the object pixels.
+  """Brightness, contrast, saturation, hue, gamma and a random LUT (synthetic, or one of
+  `cfg.lut_dir`'s files) on the object pixels.
 
   Args:
     image: (E, E, 3) uint8 object, background OBJECT_FILL.
@@ -327,6 +417,11 @@ def random_colour(image: np.ndarray, mask: np.ndarray, cfg: AugmentConfig,
     px = np.clip(px, 0.0, 1.0) ** gamma
     out[m] = np.clip(np.rint(px * 255.0), 0, 255).astype(np.uint8)
   if do_lut:
-    out = apply_lut(out, random_lut(lut_rng, cfg.lut_size, cfg.lut_strength))
+    if cfg.lut_dir:
+      tables = load_lut_dir(cfg.lut_dir)
+      lut = tables[int(lut_rng.integers(len(tables)))]
+    else:
+      lut = random_lut(lut_rng, cfg.lut_size, cfg.lut_strength)
+    out = apply_lut(out, lut)
     out[~m] = schema.OBJECT_FILL
   return out

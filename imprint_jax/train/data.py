@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from imprint_jax.data import pipeline
+from imprint_jax.data import augment, pipeline
 from imprint_jax.errors import UserError
 
 SYNTHETIC = "synthetic:"
@@ -55,6 +55,8 @@ def resolve_sources(c: ml_collections.ConfigDict, workdir: Path) -> list[tuple[s
     out.append((str(path), float(weight)))
   if not out:
     raise UserError("data.sources is empty")
+  if c.data.get("lut_dir", ""):
+    augment.load_lut_dir(str(c.data.lut_dir))  # a bad LUT folder fails before compiling
   return out
 
 
@@ -70,7 +72,8 @@ def steps_per_epoch(sources: list[tuple[str, float]], global_batch: int) -> int:
 def data_config(c: ml_collections.ConfigDict, sources, split: str) -> pipeline.DataConfig:
   kw: dict[str, Any] = {}
   if c.stage == 2:
-    kw = dict(mask_level_probs=tuple(c.data.mask_level_probs),
+    kw = dict(augment=augment.AugmentConfig(lut_dir=str(c.data.get("lut_dir", ""))),
+              mask_level_probs=tuple(c.data.mask_level_probs),
               augment_video_objects=bool(c.data.augment_video_objects),
               object_tokens=str(c.data.get("object_tokens", "")))
   return pipeline.DataConfig(sources=tuple(sources), split=split,
