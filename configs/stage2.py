@@ -38,6 +38,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.val_split = "val"
   c.data.encoder_size = 224
   c.data.generator_size = 512
+  c.data.window = 7             # view datasets only (see configs/stage1.py)
+  c.data.draws_per_group = 6
   c.data.mask_level_probs = (0.25, 0.25, 0.25, 0.25)
   c.data.augment_video_objects = True
   # Colour LUTs of the object perturbation: "" = random smooth synthetic tables; a folder =

@@ -52,10 +52,13 @@ import numpy as np
 from imprint_jax.errors import UserError
 from imprint_jax.data_prep import crops
 from imprint_jax.data_prep import shards
+from imprint_jax.data import schema
 from imprint_jax.data_prep.readers import READERS
 from imprint_jax.data_prep.readers import common
 
 SPLITS = ("train", "val", "test", "all")
+PAIRINGS = ("views", "pairs")
+INSTANCES = ("all", "largest")
 SOURCES = tuple(READERS) + ("synthetic",)
 SUMMARY_FILE = "prepare_summary.json"
 _SHARD_BYTES = 256 * 2**20  # target size of one final shard when --num-shards is 0
@@ -76,7 +79,17 @@ class PrepareConfig:
   min_size: minimum object box side in source pixels.
   min_connected: minimum share of the mask held by its largest connected component.
   val_fraction: share of groups (videos/objects/...) held out as the "val" split.
-  pairs_per_instance: pairs sampled per object instance (<= 0: every allowed pair).
+  pairs_per_instance: pairs sampled per object instance (<= 0: every allowed pair); for
+    multi-view sources only with pairing "pairs".
+  pairing: multi-view sources (mvimgnet): "views" keeps every valid view of an object (kind
+    "view" records + `views-<split>.json`) and the training pipeline draws a fresh pair
+    |i - j| <= data.window every time it visits the object, as the paper samples pairs during
+    training; "pairs" fixes up to pairs_per_instance pairs |i - j| <= window here. Other
+    sources always fix their pairs.
+  instances: image sources (images): "all" makes a record of every valid instance of an
+    image; "largest" only of its largest valid instance (most mask pixels; ties: the first
+    in instance order), the paper's Pixabay test protocol ("a foreground object is selected
+    from each image").
   groups_per_shard: groups per phase-1 work unit (the resume granularity).
   num_shards: final shards per split; 0 picks one per ~256 MiB.
   seed: fixes the split, the pair sampling and hence every output byte.
@@ -92,6 +105,8 @@ class PrepareConfig:
   min_connected: float = 0.8
   val_fraction: float = 0.02
   pairs_per_instance: int = 6
+  pairing: str = "views"
+  instances: str = "all"
   groups_per_shard: int = 64
   num_shards: int = 0
   seed: int = 0
@@ -108,6 +123,8 @@ class PrepareConfig:
         (self.min_size >= 1, "--min-size must be >= 1"),
         (0.0 <= self.min_connected <= 1.0, "--min-connected must be in [0, 1]"),
         (0.0 <= self.val_fraction < 1.0, "--val-fraction must be in [0, 1)"),
+        (self.pairing in PAIRINGS, f"--pairing must be one of {', '.join(PAIRINGS)}"),
+        (self.instances in INSTANCES, f"--instances must be one of {', '.join(INSTANCES)}"),
         (self.groups_per_shard >= 1, "--groups-per-shard must be >= 1"),
         (self.num_shards >= 0, "--num-shards must be >= 0"),
     ]
@@ -137,22 +154,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   g.add_argument("--encoder-size", type=int, default=d.encoder_size, help="object crop side E")
   g.add_argument("--generator-size", type=int, default=d.generator_size,
                  help="target crop side G")
+  g.add_argument("--pairing", choices=PAIRINGS, default=d.pairing,
+                 help="multi-view sources: 'views' keeps every valid view and training draws"
+                      " a fresh pair per visit (the paper samples pairs during training);"
+                      " 'pairs' fixes --pairs-per-instance pairs now (default: %(default)s)")
+  g.add_argument("--instances", choices=INSTANCES, default=d.instances,
+                 help="images source: a record per valid instance ('all', default) or only"
+                      " of each image's largest one ('largest': the paper's Pixabay test set,"
+                      " one object per image)")
   g.add_argument("--window", type=int, default=d.window,
-                 help="multi-view temporal window T: |i - j| <= T")
+                 help="multi-view window k, |i - j| <= k, for --pairing pairs (with views,"
+                      " training's data.window applies). Default %(default)s: our choice,"
+                      " the paper's value is lost (docs/paper_fidelity.md)")
   g.add_argument("--context", type=float, default=d.context,
-                 help="target crop side / object box side")
+                 help="target crop side / object box side (default %(default)s: our choice,"
+                      " the paper states none)")
   g.add_argument("--min-area", type=float, default=d.min_area,
-                 help="minimum mask area fraction of the frame")
+                 help="minimum mask area fraction of the frame (default %(default)s: ours)")
   g.add_argument("--max-area", type=float, default=d.max_area,
-                 help="maximum mask area fraction of the frame")
+                 help="maximum mask area fraction of the frame (default %(default)s: ours)")
   g.add_argument("--min-size", type=int, default=d.min_size,
-                 help="minimum object box side in pixels")
+                 help="minimum object box side in pixels (default %(default)s: ours)")
   g.add_argument("--min-connected", type=float, default=d.min_connected,
-                 help="minimum share of the mask in its largest connected component")
+                 help="minimum share of the mask in its largest connected component"
+                      " (default %(default)s: ours)")
   g.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                 help="share of groups (videos, objects, ...) held out for val")
+                 help="share of groups (videos, objects, ...) held out for val (default"
+                      " %(default)s: ours; the paper's splits are 0.8%% and 7%%)")
   g.add_argument("--pairs-per-instance", type=int, default=d.pairs_per_instance,
-                 help="pairs sampled per object instance (<= 0: all)")
+                 help="pairs sampled per object instance (<= 0: all). Default %(default)s:"
+                      " the paper's 1,409,545 MVImgNet pairs over ~219k objects")
   g.add_argument("--groups-per-shard", type=int, default=d.groups_per_shard,
                  help="groups per work unit (resume granularity)")
   g.add_argument("--num-shards", type=int, default=d.num_shards,
@@ -171,6 +202,7 @@ def config_from_args(args: argparse.Namespace) -> PrepareConfig:
       context=args.context, min_area=args.min_area, max_area=args.max_area,
       min_size=args.min_size, min_connected=args.min_connected,
       val_fraction=args.val_fraction, pairs_per_instance=args.pairs_per_instance,
+      pairing=args.pairing, instances=args.instances,
       groups_per_shard=args.groups_per_shard, num_shards=args.num_shards,
       seed=args.seed).validate()
 
@@ -362,7 +394,7 @@ def validate_frames(root: Path, frames: list[common.Frame], cfg: PrepareConfig,
       if reason:
         skipped[reason] += 1
       else:
-        views.append(common.View(frame, key, value))
+        views.append(common.View(frame, key, value, int(np.count_nonzero(mask))))
   return views
 
 
@@ -375,9 +407,17 @@ def _record(source: str, kind: str, obj: tuple, tgt: tuple, object_id: str,
           "object_id": object_id, "target_id": target_id}
 
 
+def uses_views(reader, cfg: PrepareConfig) -> bool:
+  """Whether the build keeps views (kind "view" + view index) instead of fixed pairs."""
+  return reader.KIND == "multiview" and cfg.pairing == "views"
+
+
 def group_records(reader, root: Path, group: common.Group, cfg: PrepareConfig,
-                  skipped: Counter):
-  """Yields the encoded records (no pair_id yet) of one group; skips go to `skipped`."""
+                  skipped: Counter, view_groups: list | None = None):
+  """Yields the encoded records (no pair_id yet) of one group; skips go to `skipped`.
+
+  View builds (`uses_views`) yield one record per valid view of every instance with at least
+  two, and append [number of records, [frame positions]] per instance to `view_groups`."""
   E, G = cfg.encoder_size, cfg.generator_size
   rng = np.random.default_rng(_hash(cfg.seed, reader.NAME, group.key))
   try:
@@ -416,6 +456,30 @@ def group_records(reader, root: Path, group: common.Group, cfg: PrepareConfig,
                     f"{pair.background}#{x0},{y0},{x1},{y1}")
     return
 
+  if uses_views(reader, cfg):
+    for _, instance_views in sorted(common.by_instance(views).items()):
+      if len({v.frame.image for v in instance_views}) < 2:
+        skipped["instance_without_pair"] += 1
+        continue
+      written = []
+      for v in instance_views:
+        try:
+          image, mask = loader.view(v)
+          obj = crops.object_crop(image, mask, E)
+          tgt = crops.target_crop(image, mask, G, cfg.context)
+        except crops.BadFile as e:
+          count(e)
+          continue
+        written.append(v.frame.index)
+        yield _record(reader.NAME, "view", obj, tgt, v.ident, v.ident)
+      if view_groups is not None and written:
+        view_groups.append([len(written), written])
+    return
+
+  if reader.KIND == "image" and cfg.instances == "largest" and views:
+    if len(views) > 1:
+      skipped["not_largest_instance"] += len(views) - 1
+    views = [max(views, key=lambda v: v.area)]  # max keeps the first of equal areas
   pairs = reader.make_pairs(views, cfg, rng)
   paired = {a.instance for a, _ in pairs}
   lonely = {v.instance for v in views} - paired
@@ -466,16 +530,19 @@ def _unit_job(job: dict[str, Any]) -> dict[str, Any]:
   cfg = PrepareConfig(**job["cfg"])
   root, work = Path(job["root"]), Path(job["work"])
   skipped: Counter = Counter()
+  view_groups: list = []
 
   def payloads():
     for group in job["groups"]:
-      for record in group_records(reader, root, group, cfg, skipped):
+      for record in group_records(reader, root, group, cfg, skipped, view_groups):
         yield pickle.dumps(record, protocol=5)
 
   data_path, marker_path = _unit_paths(work, job["index"])
   count, size = shards.write_array_record(data_path, payloads(), tmp_dir=work)
   marker = {"unit": job["index"], "groups": len(job["groups"]), "records": count,
             "bytes": size, "skipped": dict(sorted(skipped.items()))}
+  if uses_views(reader, cfg):
+    marker["views"] = view_groups
   _write_json(marker_path, marker)
   return marker
 
@@ -566,10 +633,12 @@ def _build_split(reader, root: Path, out: Path, split: str, groups: list[common.
                  cfg: PrepareConfig, runner: _Runner, *, overwrite: bool) -> dict:
   work = out / shards.WORK_DIR / split
   fingerprint = _fingerprint(reader, root, split, groups, cfg)
+  view_index = out / schema.VIEW_INDEX.format(split=split)
   if overwrite:
     shutil.rmtree(work, ignore_errors=True)
     for f in shards.split_shard_files(out, split):
       f.unlink()
+    view_index.unlink(missing_ok=True)
   done = _read_json(work / "done.json")
   if done is not None:
     if done["fingerprint"] != fingerprint:
@@ -636,6 +705,21 @@ def _build_split(reader, root: Path, out: Path, split: str, groups: list[common.
   # Publish: the split's shards appear in <out> together, then metadata, then done.json.
   for old in shards.split_shard_files(out, split):
     old.unlink()
+  view_index.unlink(missing_ok=True)
+  if uses_views(reader, cfg):
+    # Records are numbered in unit order, each unit's instances in order, views in frame order.
+    groups_index, frame_index, start = [], [], 0
+    for m in markers:
+      for n, frames in m["views"]:
+        groups_index.append([start, n])
+        frame_index.extend(frames)
+        start += n
+    if start != total:
+      raise RuntimeError(f"view index of {split} covers {start} records, the split has {total}")
+    tmp = view_index.with_name(view_index.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"groups": groups_index, "frame_index": frame_index},
+                              separators=(",", ":")) + "\n")
+    os.replace(tmp, view_index)
   for k in range(num_shards):
     name = shards.shard_name(split, k, num_shards)
     os.replace(final / name, out / name)

@@ -23,7 +23,7 @@ from imprint_jax.errors import UserError
 E, G = 32, 64
 CFG = prepare.PrepareConfig(encoder_size=E, generator_size=G, window=2, min_size=8,
                             min_area=0.005, val_fraction=0.34, pairs_per_instance=4,
-                            groups_per_shard=1, num_shards=2, seed=7)
+                            groups_per_shard=1, num_shards=2, seed=7, pairing="pairs")
 SYN = synthetic.SyntheticConfig(groups=3, frames=5, frame_size=96, objects=2, seed=3)
 
 

@@ -61,6 +61,7 @@ class View:
   frame: Frame
   instance: str
   value: int | None
+  area: int = 0  # mask pixels in the full-resolution frame
 
   @property
   def ident(self) -> str:

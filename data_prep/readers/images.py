@@ -10,7 +10,8 @@ Expected layout (`--root` is the folder holding images/ and masks/):
 
 One group = one image (key '<name>'). Each valid instance gives one record whose object and
 target come from the same image (kind "image"): the pair is made at training time by
-augmenting the object.
+augmenting the object. With --instances largest only the image's largest valid instance does
+(the Pixabay test set: one object per image).
 """
 
 from __future__ import annotations

@@ -9,9 +9,12 @@ Expected layout (`--root` is the folder holding the category folders; MVImgNet 2
                                                     where >= 128 (or 1 in a 0/1 mask)
   (sparse/ and any other folder are ignored)
 
-One group = one object (key '<category>/<object>'). Pairs: up to --pairs-per-instance
-ordered pairs (view i, view j), i != j, |i - j| <= --window, where i and j are positions in
-the sorted frame list; the object is cut from view i, the target is view j.
+One group = one object (key '<category>/<object>'). With --pairing views (the default) every
+valid view is kept (kind "view" records and `views-<split>.json`) and training draws a fresh
+pair (view i, view j), 1 <= |i - j| <= data.window, each time it visits the object. With
+--pairing pairs: up to --pairs-per-instance ordered pairs (view i, view j), i != j,
+|i - j| <= --window, fixed here. i and j are positions in the sorted frame list; the object is
+cut from view i, the target is view j.
 """
 
 from __future__ import annotations

@@ -75,7 +75,12 @@ class DataConfig:
     reader: "grain" (raw ArrayRecord bytes, decoded in the map) or "tfds" (tfds data source).
     object_tokens: stage 2: a folder of precomputed object tokens (`imprint-jax
       encode-objects`) for these sources; "" = none.
-    seed: seeds the shuffles and the augmentation.
+    window: view datasets (`prepare --pairing views`): a drawn pair (i, j) has
+      1 <= |i - j| <= window (frame positions). 7: our choice, the paper's k is lost from our
+      copy (docs/paper_fidelity.md).
+    draws_per_group: view datasets: visits of each object per epoch, one fresh pair each.
+      6: the paper's 1,409,545 MVImgNet pairs over ~219k objects.
+    seed: seeds the shuffles, the view pairs and the augmentation.
   """
   sources: tuple[tuple[str, float], ...] = ()
   split: str = "train"
@@ -89,6 +94,8 @@ class DataConfig:
   read_threads: int = 2
   reader: str = "grain"
   object_tokens: str = ""
+  window: int = 7
+  draws_per_group: int = 6
   seed: int = 0
 
   def __post_init__(self):
@@ -100,6 +107,9 @@ class DataConfig:
     for name in ("num_workers", "prefetch", "read_threads"):
       if getattr(self, name) < 0:
         raise UserError(f"DataConfig.{name}={getattr(self, name)}: must be >= 0")
+    for name in ("window", "draws_per_group"):
+      if getattr(self, name) < 1:
+        raise UserError(f"data.{name}={getattr(self, name)}: must be >= 1")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +213,81 @@ class DecodeRecord:
       rec["target"] = _resize(rec["target"], self.sizes["target"], False)
       rec["target_mask"] = _resize(rec["target_mask"], self.sizes["target"], True)
     return rec
+
+
+# ---------------------------------------------------------------------------------------------
+# View datasets: a fresh pair per visit.
+
+
+class ViewPairs:
+  """The objects of a view dataset's split that have an allowed pair, and the draw.
+
+  An allowed pair is an ordered (i, j) of two views of one object, 1 <= |f_i - f_j| <= window
+  (f: the views' frame positions). A draw picks one allowed pair of the object uniformly."""
+
+  def __init__(self, index: Mapping[str, Any], window: int):
+    frames = np.asarray(index["frame_index"], np.int64)
+    self.window = int(window)
+    self.starts, self.frames, self.counts = [], [], []
+    for start, n in index["groups"]:
+      f = frames[start:start + n]
+      partners = self._partners(f)
+      if partners.sum() > 0:
+        self.starts.append(int(start))
+        self.frames.append(f)
+        self.counts.append(np.cumsum(partners))
+
+  def _partners(self, f: np.ndarray) -> np.ndarray:
+    """Per view: the number of other views within the window."""
+    d = np.abs(f[:, None] - f[None, :])
+    return ((d >= 1) & (d <= self.window)).sum(axis=1)
+
+  def __len__(self) -> int:
+    return len(self.starts)
+
+  def draw(self, group: int, rng: np.random.Generator) -> tuple[int, int]:
+    """(object record, target record) of a uniformly drawn allowed pair of `group`."""
+    f, cum = self.frames[group], self.counts[group]
+    r = int(rng.integers(cum[-1]))
+    i = int(np.searchsorted(cum, r, side="right"))
+    d = np.abs(f - f[i])
+    partners = np.flatnonzero((d >= 1) & (d <= self.window))
+    j = int(partners[r - (cum[i - 1] if i else 0)])
+    return self.starts[group] + i, self.starts[group] + j
+
+
+def view_pairs(data_dir: str, split: str, window: int) -> ViewPairs | None:
+  """The ViewPairs of a view dataset's split; None for a dataset of fixed pairs."""
+  index = schema.load_view_index(data_dir, split)
+  return None if index is None else ViewPairs(index, window)
+
+
+def pairs_per_epoch(data_dir: str, split: str, window: int, draws_per_group: int) -> int:
+  """Pairs one epoch of `split` holds: the records of a fixed-pair dataset, or objects with an
+  allowed pair x draws_per_group for a view dataset."""
+  pairs = view_pairs(data_dir, split, window)
+  if pairs is not None:
+    return len(pairs) * draws_per_group
+  from imprint_jax.data_prep import shards
+  return shards.split_sizes(data_dir).get(split, 0)
+
+
+class DrawViewPair:
+  """Visit index -> a pair record: the object of view i and the target of view j of one
+  object, (i, j) drawn by `ViewPairs.draw` with grain's per-element generator (so the pair
+  depends on the seed and the element's position in the stream: a new one every epoch, the
+  same after a resume). pair_id = object record << 32 | target record."""
+
+  def __init__(self, source, pairs: ViewPairs, decode: DecodeRecord):
+    self.source, self.pairs, self.decode = source, pairs, decode
+
+  def __call__(self, visit: int, rng: np.random.Generator) -> dict[str, Any]:
+    i, j = self.pairs.draw(int(visit) % len(self.pairs), rng)
+    a, b = self.decode(self.source[i]), self.decode(self.source[j])
+    return {"object": a["object"], "object_mask": a["object_mask"], "target": b["target"],
+            "target_mask": b["target_mask"], "box": b["box"], "source": b["source"],
+            "kind": "multiview", "object_id": a["object_id"], "target_id": b["target_id"],
+            "pair_id": np.int64((i << 32) | j)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -329,6 +414,22 @@ def mixed_records(cfg: DataConfig):
     if not weight > 0:
       raise UserError(f"DataConfig.sources[{i}] ({data_dir}): weight {weight} must be > 0")
     source, _ = open_source(data_dir, cfg.split, cfg.reader)
+    pairs = view_pairs(data_dir, cfg.split, cfg.window)
+    if pairs is not None:
+      if cfg.object_tokens:
+        raise UserError(f"{data_dir}: a view dataset (pairs drawn in training) cannot be read"
+                        " with data.object_tokens; prepare it with --pairing pairs")
+      if len(pairs) == 0:
+        raise UserError(f"{data_dir}: no object of split {cfg.split!r} has two views within"
+                        f" data.window={cfg.window}")
+      decode = DecodeRecord(data_dir, cfg.encoder_size, cfg.generator_size)
+      # Each object visited draws_per_group times per epoch; shuffled anew every epoch.
+      ds = grain.MapDataset.range(len(pairs) * cfg.draws_per_group)
+      ds = ds.shuffle(seed=derive_seed(cfg.seed, i, 1)).repeat()
+      ds = ds.random_map(DrawViewPair(source, pairs, decode), seed=derive_seed(cfg.seed, i, 3))
+      parts.append(ds)
+      weights.append(float(weight))
+      continue
     tokens = None
     if cfg.object_tokens:
       tokens = token_store.TokenSource(cfg.object_tokens, i, data_dir, cfg.split)

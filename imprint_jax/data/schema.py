@@ -16,10 +16,19 @@ pipeline only decodes, augments and batches. Images are PNG-encoded uint8 in the
                                  ppr10k, images, dreambooth
   kind          text             multiview (stage 1), video (stage 2, object from another
                                  frame), image (stage 2, pair made by augmentation at training
-                                 time), test (DreamBooth test pair: target is the background)
+                                 time), test (DreamBooth test pair: target is the background),
+                                 view (one view of a multi-view object: object and target crop
+                                 of the same frame; the pipeline pairs views at training time,
+                                 see below)
   object_id     text             provenance of the object: '<dataset path>#<instance>'
   target_id     text             provenance of the target: '<dataset path>#<instance>'
   pair_id       int64            index of the pair in its split, stable for a seed
+
+View datasets (`imprint-jax prepare --pairing views`, the default for multi-view sources) hold
+one "view" record per valid view and, per split, `views-<split>.json` (`VIEW_INDEX`): {"groups":
+[[first record, number of records], ...] (one entry per object, its views in frame order),
+"frame_index": [frame position of each record]}. The pipeline draws a fresh view pair (i, j)
+from one group every time it visits it (`imprint_jax.data.pipeline`).
 """
 
 from __future__ import annotations
@@ -27,7 +36,20 @@ from __future__ import annotations
 OBJECT_FILL = 255  # white background behind segmented objects (ObjectStitch, AnyDoor)
 
 IMAGE_KEYS = ("object", "object_mask", "target", "target_mask")
-KINDS = ("multiview", "video", "image", "test")
+KINDS = ("multiview", "video", "image", "test", "view")
+VIEW_INDEX = "views-{split}.json"
+
+
+def load_view_index(data_dir, split: str) -> dict | None:
+  """The view index of a view dataset's split (see the module docstring), or None when the
+  dataset holds fixed pairs."""
+  import json
+  import os
+  path = os.path.join(os.fspath(data_dir), VIEW_INDEX.format(split=split))
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
 
 
 def features(encoder_size: int = 224, generator_size: int = 512):

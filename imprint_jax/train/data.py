@@ -60,13 +60,23 @@ def resolve_sources(c: ml_collections.ConfigDict, workdir: Path) -> list[tuple[s
   return out
 
 
-def num_pairs(sources: list[tuple[str, float]], split: str) -> int:
-  from imprint_jax.data_prep import shards
-  return sum(shards.split_sizes(path).get(split, 0) for path, _ in sources)
+def num_pairs(sources: list[tuple[str, float]], split: str,
+              c: ml_collections.ConfigDict | None = None) -> int:
+  """Pairs per epoch of `split` over all sources (view datasets: objects x draws)."""
+  window, draws = _pairing(c)
+  return sum(pipeline.pairs_per_epoch(path, split, window, draws) for path, _ in sources)
 
 
-def steps_per_epoch(sources: list[tuple[str, float]], global_batch: int) -> int:
-  return num_pairs(sources, "train") // global_batch
+def steps_per_epoch(sources: list[tuple[str, float]], global_batch: int,
+                    c: ml_collections.ConfigDict | None = None) -> int:
+  return num_pairs(sources, "train", c) // global_batch
+
+
+def _pairing(c: ml_collections.ConfigDict | None) -> tuple[int, int]:
+  """(data.window, data.draws_per_group), the pipeline's defaults where the config has none."""
+  d = pipeline.DataConfig()
+  data = c.data if c is not None else {}
+  return int(data.get("window", d.window)), int(data.get("draws_per_group", d.draws_per_group))
 
 
 def data_config(c: ml_collections.ConfigDict, sources, split: str) -> pipeline.DataConfig:
@@ -76,7 +86,9 @@ def data_config(c: ml_collections.ConfigDict, sources, split: str) -> pipeline.D
               mask_level_probs=tuple(c.data.mask_level_probs),
               augment_video_objects=bool(c.data.augment_video_objects),
               object_tokens=str(c.data.get("object_tokens", "")))
-  return pipeline.DataConfig(sources=tuple(sources), split=split,
+  window, draws = _pairing(c)
+  return pipeline.DataConfig(sources=tuple(sources), split=split, window=window,
+                             draws_per_group=draws,
                              encoder_size=c.data.encoder_size,
                              generator_size=c.data.generator_size,
                              num_workers=c.data.num_workers if split == "train" else 0,

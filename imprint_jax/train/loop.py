@@ -188,7 +188,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
   workdir.mkdir(parents=True, exist_ok=True)
   c = config
   sources = train_data.resolve_sources(c, workdir)
-  steps_per_epoch = train_data.steps_per_epoch(sources, c.train.global_batch)
+  steps_per_epoch = train_data.steps_per_epoch(sources, c.train.global_batch, c)
   total_steps = c.train.num_steps if c.train.num_steps > 0 else c.train.epochs * steps_per_epoch
   if total_steps <= 0:
     raise UserError(f"the run has {total_steps} steps: fewer pairs than one global batch"
