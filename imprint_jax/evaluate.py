@@ -5,8 +5,11 @@
         --inception weights/pt_inception-2015-12-05-6726825d.safetensors
 
 Test sets (`--root`, a folder written by `imprint-jax prepare`; split `--split`, default test):
-  pixabay     an `images`-source set (`prepare --source images --split test` puts every image
-              in "test"; `--split val` evaluates a training set's held-out images). Each
+  pixabay     an `images`-source set (`prepare --source images --split test --instances
+              largest` puts every image in "test" with one object per image, its largest
+              valid instance, as the paper selects one object per image; a set with several
+              pairs of one image is refused unless --all-instances, e.g. for `--split val` of
+              a training set, which keeps every instance). Each
               record's object is perturbed by the training augmentation (`AugmentConfig
               .perturb()`: affine + colour/LUT, always on), seeded by (--seed, pair_id), and
               composited back into its own image: the record's target is both the background
@@ -31,7 +34,10 @@ DreamBooth masks the background (everything outside the generation region is whi
 the paper's appendix. (Without a segmenter the region, not the object's exact outline, is
 what is kept.) Parts of the square outside the image are white.
 
-Methods in the table: the model (--ckpt), a folder of another method's outputs (--images,
+Methods in the table: the model (--ckpt), Paint-by-Example run in-process on the same inputs
+(--baseline paint-by-example --baseline-weights DIR: diffusers' pipeline from a local folder,
+same DDIM steps, guidance and per-pair seeds; `imprint_jax.baselines`), a folder of another
+method's outputs (--images,
 files `<pair_id>.png` - zero padding allowed - each a composite of the record's target crop,
 square, resized to the target's size if needed; `--write-inputs` saves the exact inputs
 to run other methods on), and always the copy-and-paste baseline: the object's pixels
@@ -63,6 +69,7 @@ from scipy import ndimage
 from imprint_jax.errors import UserError
 
 TESTSETS = ("pixabay", "dreambooth")
+BASELINES = ("paint-by-example",)  # imprint_jax.baselines
 COPY_PASTE = "copy-paste"
 WHITE = 255
 # The paper's Table 2 (IMPRINT), for reference in the Markdown table; never measured here.
@@ -152,6 +159,21 @@ def open_pairs(root: str | os.PathLike, testset: str, split: str = "test",
                     else f"--limit {limit}: must be >= 1")
   check_kind(decode_record(source[0], features), testset)
   return source, features, n
+
+
+def check_one_per_image(source, features, n: int) -> None:
+  """UserError when two of the first n records come from one image (the paper's Pixabay test
+  set has one object per image)."""
+  from imprint_jax.data.pipeline import decode_record
+  seen: dict[str, int] = {}
+  for i in range(n):
+    rec = decode_record(source[i], features)
+    image = rec["target_id"].split("#")[0]
+    if image in seen:
+      raise UserError(f"{image}: pairs {seen[image]} and {rec['pair_id']} come from one image;"
+                      " the Pixabay protocol takes one object per image: prepare the test set"
+                      " with `--instances largest`, or pass --all-instances")
+    seen[image] = int(rec["pair_id"])
 
 
 def iter_batches(root, testset: str, *, split: str = "test", limit: int | None = None,
@@ -347,7 +369,7 @@ def _identity_scores(suite, testset: str, pairs: Sequence[Pair], outputs: Sequen
 def evaluate(root: str | os.PathLike, testset: str, out: str | os.PathLike,
              methods: dict[str, GenerateFn], suite, *, split: str = "test",
              limit: int | None = None, batch_size: int = 8, mask_level: int = 4, seed: int = 0,
-             save_images: bool = True, write_inputs: bool = False,
+             save_images: bool = True, write_inputs: bool = False, all_instances: bool = False,
              settings: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
   """Runs every method on the test pairs, scores them and writes the report folder.
 
@@ -361,6 +383,7 @@ def evaluate(root: str | os.PathLike, testset: str, out: str | os.PathLike,
     mask_level: shape-guidance level of the region (Pixabay).
     seed: seeds the object perturbation and the models' noise (by pair id).
     save_images, write_inputs: also write the composites / the pairs' inputs.
+    all_instances: Pixabay: accept several pairs per image (default: refuse them).
     settings: extra settings recorded in metrics.json.
     progress: a tqdm bar on stderr.
 
@@ -378,6 +401,8 @@ def evaluate(root: str | os.PathLike, testset: str, out: str | os.PathLike,
   erase = testset == "pixabay"
   methods = {**methods, COPY_PASTE: lambda pairs: [copy_paste(p, erase) for p in pairs]}
   source, features, total = open_pairs(root, testset, split, limit)
+  if testset == "pixabay" and not all_instances:
+    check_one_per_image(source, features, total)
   skipped = dict(suite.skipped)
   use_fid = suite.inception is not None and testset == "pixabay"
   if testset == "dreambooth" and suite.inception is not None:
@@ -423,7 +448,8 @@ def evaluate(root: str | os.PathLike, testset: str, out: str | os.PathLike,
         "testset": testset, "split": split, "root": os.fspath(root), "pairs": total,
         "methods": results, "skipped": skipped,
         "settings": {"mask_level": mask_level, "seed": seed, "batch_size": batch_size,
-                     "fid_resize": suite.fid_resize, **(settings or {})},
+                     "fid_resize": suite.fid_resize,
+                     **({"all_instances": True} if all_instances else {}), **(settings or {})},
         "protocol": protocol_text(testset, suite.fid_resize),
         "paper": {"IMPRINT (paper, Table 2)": PAPER[testset]},
     }
@@ -496,6 +522,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       " (AnyDoor, Paint-by-Example, ...)")
   parser.add_argument("--name", help="table name of the --images method (default: the folder"
                       " name)")
+  parser.add_argument("--baseline", choices=BASELINES, help="also run this method on exactly"
+                      " the same inputs and score it beside the others: paint-by-example"
+                      " (diffusers' PaintByExamplePipeline, PyTorch; weights from"
+                      " --baseline-weights)")
+  parser.add_argument("--baseline-weights", metavar="DIR", help="the --baseline's local"
+                      " pipeline folder (save_pretrained layout, e.g. Fantasy-Studio/"
+                      "Paint-by-Example)")
+  parser.add_argument("--all-instances", action="store_true", help="pixabay: accept several"
+                      " pairs per image (the paper's protocol, and the default, is one object"
+                      " per image: `prepare --instances largest`)")
   parser.add_argument("--testset", required=True, choices=TESTSETS)
   parser.add_argument("--root", required=True, help="test set folder written by `imprint-jax"
                       " prepare` (pixabay: --source images; dreambooth: --source dreambooth)")
@@ -540,10 +576,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
   """Runs `evaluate` from parsed flags; prints the table. UserError for bad input."""
   from imprint_jax import metrics
-  if not args.ckpt and not args.images:
-    raise UserError("give --ckpt (run the model) and/or --images DIR (score another method's"
-                    " composites)")
-  open_pairs(args.root, args.testset, args.split, args.limit)  # fail before loading models
+  if not args.ckpt and not args.images and not args.baseline:
+    raise UserError("give --ckpt (run the model), --baseline NAME and/or --images DIR (score"
+                    " another method's composites)")
+  if bool(args.baseline) != bool(args.baseline_weights):
+    raise UserError("--baseline and --baseline-weights go together")
+  source, features, n = open_pairs(args.root, args.testset, args.split, args.limit)
+  if args.testset == "pixabay" and not args.all_instances:  # fail before loading models
+    check_one_per_image(source, features, n)
   methods: dict[str, GenerateFn] = {}
   if args.images:
     name = args.name or Path(args.images).resolve().name
@@ -560,12 +600,23 @@ def main(args: argparse.Namespace) -> int:
     methods = {"imprint": model_generator(args.ckpt, steps=args.steps, guidance=args.guidance,
                                           batch_size=args.batch_size, seed=args.seed,
                                           dtype=args.dtype), **methods}
+  if args.baseline:
+    from imprint_jax import baselines
+    if args.baseline in methods:
+      raise UserError(f"--name {args.baseline} is the baseline's row; give the --images method"
+                      " another --name")
+    methods[args.baseline] = baselines.paint_by_example_generator(
+        args.baseline_weights, steps=args.steps, guidance=args.guidance, seed=args.seed,
+        batch_size=args.batch_size)
   settings = {"ckpt": args.ckpt, "images": args.images, "steps": args.steps,
               "guidance": args.guidance}
+  if args.baseline:
+    settings.update(baseline=args.baseline, baseline_weights=args.baseline_weights)
   report = evaluate(args.root, args.testset, args.out, methods, suite, split=args.split,
                     limit=args.limit, batch_size=args.batch_size, mask_level=args.mask_level,
                     seed=args.seed, save_images=args.save_images,
-                    write_inputs=args.write_inputs, settings=settings)
+                    write_inputs=args.write_inputs, all_instances=args.all_instances,
+                    settings=settings)
   print(markdown(report))
   print(f"wrote {Path(args.out) / 'metrics.json'} and metrics.md")
   return 0
