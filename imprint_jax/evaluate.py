@@ -532,7 +532,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--all-instances", action="store_true", help="pixabay: accept several"
                       " pairs per image (the paper's protocol, and the default, is one object"
                       " per image: `prepare --instances largest`)")
-  parser.add_argument("--testset", required=True, choices=TESTSETS)
+  parser.add_argument("--testset", required=True, choices=TESTSETS + ("multiview",),
+                      help="pixabay, dreambooth (compositing), or multiview: how well the"
+                      " encoder keeps one object's views together (nearest-neighbour view"
+                      " retrieval, silhouette, t-SNE PNG) for --dinov2 and/or the --ckpt's"
+                      " DINOv2 on a view dataset (`imprint_jax/multiview_eval.py`)")
+  parser.add_argument("--dinov2", metavar="DIR", help="multiview: the original DINOv2"
+                      " (transformers folder) to compare with the --ckpt's")
   parser.add_argument("--root", required=True, help="test set folder written by `imprint-jax"
                       " prepare` (pixabay: --source images; dreambooth: --source dreambooth)")
   parser.add_argument("--split", default="test", help="split to read (default: test)")
@@ -576,6 +582,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
   """Runs `evaluate` from parsed flags; prints the table. UserError for bad input."""
   from imprint_jax import metrics
+  if args.testset == "multiview":
+    from imprint_jax import multiview_eval
+    return multiview_eval.main(args)
   if not args.ckpt and not args.images and not args.baseline:
     raise UserError("give --ckpt (run the model), --baseline NAME and/or --images DIR (score"
                     " another method's composites)")
