@@ -11,7 +11,7 @@ import torch
 import transformers
 from PIL import Image
 
-from data_prep import prepare, synthetic
+from imprint_jax.data_prep import prepare, synthetic
 from imprint_jax import evaluate as ev
 from imprint_jax import multiview_eval as mv
 from imprint_jax.errors import UserError
@@ -72,7 +72,7 @@ def tiny_ckpt(tmp_path_factory):
   """A checkpoint of configs/common.py's tiny IMPRINT, random weights filled in numpy."""
   import jax
   from flax import nnx
-  from configs.common import tiny_model
+  from imprint_jax.configs.common import tiny_model
   from imprint_jax import checkpoint as ckpt_lib
   from imprint_jax.models.imprint import Imprint, ImprintConfig
   cfg = ImprintConfig.from_dict(tiny_model().to_dict())
