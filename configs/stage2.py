@@ -47,6 +47,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.lut_dir = ""
   # Precomputed DINOv2 tokens (`imprint-jax encode-objects` output); "" = run DINOv2 per step.
   c.data.object_tokens = ""
+  # Precomputed VAE posteriors of targets and masked backgrounds (`imprint-jax encode-latents`
+  # output); "" = run the VAE encoder per step.
+  c.data.latents = ""
   c.data.num_workers = 8
   c.data.prefetch = 2
 

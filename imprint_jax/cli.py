@@ -167,6 +167,49 @@ def _run_encode_objects(args) -> int:
   return 0
 
 
+def _add_encode_latents(sub) -> None:
+  p = sub.add_parser("encode-latents", help="stage 2: precompute the frozen VAE's latents of"
+                     " every pair's target and masked backgrounds (train with --set"
+                     " data.latents=OUT)",
+                     description="Runs the stage-2 run's frozen VAE encoder (from"
+                     " init.checkpoint; init.encoder_from is not needed) once over every pair of every data source (train and"
+                     " validation splits): its target, and its masked background under each"
+                     " stored mask (level 1 and 4 once, levels 2 and 3 in --mask-draws random"
+                     " draws; the levels with a positive data.mask_level_probs). Writes the"
+                     " posteriors (mean and log-variance, float16) and the masks. Training with"
+                     " --set data.latents=OUT then skips the VAE encoder: a step draws the"
+                     " mask level as usual, one stored mask of that level, and samples the"
+                     " latents from the stored posteriors with its own key. The trade: levels 2"
+                     " and 3 see --mask-draws shapes per pair instead of a new one per step.")
+  p.add_argument("--config", required=True,
+                 help="stage2[:tiny] (packaged config) or a config file (path.py[:arg])")
+  p.add_argument("--out", required=True, help="latent folder to create")
+  p.add_argument("--mask-draws", type=int, default=2,
+                 help="masks stored per pair at levels 2 and 3 (default 2)")
+  p.add_argument("--batch", type=int, default=None,
+                 help="images per encoder call over all hosts (default: train.global_batch);"
+                 " a pair takes 1 + its stored masks")
+  p.add_argument("--workdir", default=None,
+                 help="the training run's workdir (needed for synthetic: data sources)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="override a config value, as for train")
+  p.add_argument("--distributed", action="store_true",
+                 help="call jax.distributed.initialize() (multi-host, as for train)")
+  p.set_defaults(func=_run_encode_latents)
+
+
+def _run_encode_latents(args) -> int:
+  if args.distributed:
+    import jax
+    jax.distributed.initialize()
+  from imprint_jax.train import encode_objects, run_config
+  config = run_config.load(args.config, args.set)
+  out = encode_objects.encode_latents(config, args.out, mask_draws=args.mask_draws,
+                                      batch=args.batch, workdir=args.workdir)
+  print(f"wrote {out}")
+  return 0
+
+
 def _add_plan(sub) -> None:
   p = sub.add_parser("plan", help="compile the full-size step for a mesh (virtual CPU devices"
                      " or a TPU topology) and print per-device memory",
@@ -265,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    " defaults.")
   sub = parser.add_subparsers(dest="command", required=True)
   for add in (_add_import, _add_export, _add_prepare, _add_train, _add_encode_objects,
-              _add_plan, _add_composite, _add_evaluate):
+              _add_encode_latents, _add_plan, _add_composite, _add_evaluate):
     add(sub)
   return parser
 

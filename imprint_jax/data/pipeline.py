@@ -24,7 +24,11 @@ Batches are dicts of numpy arrays, normalised here (never in the train step):
            pair_id (b,) i64. With `DataConfig.object_tokens` (precomputed DINOv2 tokens, see
            `imprint_jax.data.token_store`) also object_tokens (b, L, D) f16: one of the
            pair's stored variants at random, each already perturbed; object is then the
-           unperturbed object (for sample grids only).
+           unperturbed object (for sample grids only). With `DataConfig.latents` (precomputed
+           VAE posteriors, see `imprint_jax.data.latent_store`) also target_moments and
+           masked_target_moments (b, G/f, G/f, 2C) f16 and mask_latent (b, G/f, G/f, 1) f32:
+           the mask is then one of the pair's stored masks (level drawn as without), and
+           masked_target is built from it.
 
 Records are read as raw bytes with grain's ArrayRecordDataSource and decoded in the map step
 (`reader="grain"`, the default), or through `tfds.builder_from_directory(...).as_data_source`
@@ -49,7 +53,7 @@ from PIL import Image
 from imprint_jax.data import augment as augment_lib
 from imprint_jax.data import masks as masks_lib
 from imprint_jax.data import schema
-from imprint_jax.data import token_store
+from imprint_jax.data import latent_store, token_store
 from imprint_jax.errors import UserError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -75,6 +79,8 @@ class DataConfig:
     reader: "grain" (raw ArrayRecord bytes, decoded in the map) or "tfds" (tfds data source).
     object_tokens: stage 2: a folder of precomputed object tokens (`imprint-jax
       encode-objects`) for these sources; "" = none.
+    latents: stage 2: a folder of precomputed VAE latents (`imprint-jax encode-latents`) for
+      these sources; "" = none.
     window: view datasets (`prepare --pairing views`): a drawn pair (i, j) has
       1 <= |i - j| <= window (frame positions). 7: our choice, the paper's k is lost from our
       copy (docs/paper_fidelity.md).
@@ -94,6 +100,7 @@ class DataConfig:
   read_threads: int = 2
   reader: str = "grain"
   object_tokens: str = ""
+  latents: str = ""
   window: int = 7
   draws_per_group: int = 6
   seed: int = 0
@@ -183,20 +190,26 @@ class DecodeRecord:
   """Source item -> record dict at the configured sizes (picklable for grain workers).
 
   With `tokens` (a `token_store.TokenSource`), items are (record, token record) pairs and
-  the dict gains "object_tokens" (variants, L, D)."""
+  the dict gains "object_tokens" (variants, L, D). With `latents` (a
+  `latent_store.LatentSource`), items are (item as above, latent record) pairs and the dict
+  gains "latents" (`LatentSource.decode`)."""
 
-  def __init__(self, data_dir: str, encoder_size: int, generator_size: int, tokens=None):
+  def __init__(self, data_dir: str, encoder_size: int, generator_size: int, tokens=None,
+               latents=None):
     self.data_dir = data_dir
     self.sizes = {"object": encoder_size, "object_mask": encoder_size,
                   "target": generator_size, "target_mask": generator_size}
     self.tokens = tokens
+    self.latents = latents
     self._features = None
 
   def __getstate__(self):
     return {**self.__dict__, "_features": None}  # rebuilt from features.json in the worker
 
   def __call__(self, item: Any) -> dict[str, Any]:
-    token_item = None
+    token_item = latent_item = None
+    if self.latents is not None:
+      item, latent_item = item
     if self.tokens is not None:
       item, token_item = item
     if self._features is None and isinstance(item, (bytes, bytearray, memoryview)):
@@ -204,6 +217,8 @@ class DecodeRecord:
     rec = decode_record(item, self._features)
     if token_item is not None:
       rec["object_tokens"] = self.tokens.decode(token_item, rec["pair_id"])
+    if latent_item is not None:
+      rec["latents"] = self.latents.decode(latent_item, rec["pair_id"])
     if rec["object"].shape[0] != self.sizes["object"]:
       rec["object"] = _resize(rec["object"], self.sizes["object"], False)
       rec["object_mask"] = _resize(rec["object_mask"], self.sizes["object"], True)
@@ -337,8 +352,16 @@ class Stage2Transform:
         obj = rec["object"]
       else:
         obj = self.perturb_object(rec, rng)
-      level = masks_lib.sample_level(self.mask_level_probs, rng)
-      mask = masks_lib.coarse_mask(rec["target_mask"], level, rng)
+      if "latents" in rec:  # the masked background was encoded with stored masks: pick one
+        lat = rec["latents"]
+        j = latent_store.pick_variant(lat["levels"], self.mask_level_probs, rng)
+        level, mask = lat["levels"][j], lat["masks"][j]
+        out.update(target_moments=lat["target_moments"],
+                   masked_target_moments=lat["masked_target_moments"][j],
+                   mask_latent=latent_store.latent_mask(mask, lat["factor"]))
+      else:
+        level = masks_lib.sample_level(self.mask_level_probs, rng)
+        mask = masks_lib.coarse_mask(rec["target_mask"], level, rng)
     except UserError as e:
       raise UserError(f"pair_id {rec['pair_id']} ({rec.get('target_id', '?')}): {e}") from None
     return {"object": obj, "target": rec["target"], "mask": mask.astype(np.uint8),
@@ -378,8 +401,9 @@ def _finish_stage2(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
          "masked_target": target * (np.float32(1.0) - mask),
          "mask_level": batch["mask_level"].astype(np.int32),
          "pair_id": batch["pair_id"].astype(np.int64)}
-  if "object_tokens" in batch:
-    out["object_tokens"] = batch["object_tokens"]
+  for key in ("object_tokens", "target_moments", "masked_target_moments", "mask_latent"):
+    if key in batch:
+      out[key] = batch[key]
   return out
 
 
@@ -416,9 +440,10 @@ def mixed_records(cfg: DataConfig):
     source, _ = open_source(data_dir, cfg.split, cfg.reader)
     pairs = view_pairs(data_dir, cfg.split, cfg.window)
     if pairs is not None:
-      if cfg.object_tokens:
+      if cfg.object_tokens or cfg.latents:
+        key = "data.object_tokens" if cfg.object_tokens else "data.latents"
         raise UserError(f"{data_dir}: a view dataset (pairs drawn in training) cannot be read"
-                        " with data.object_tokens; prepare it with --pairing pairs")
+                        f" with {key}; prepare it with --pairing pairs")
       if len(pairs) == 0:
         raise UserError(f"{data_dir}: no object of split {cfg.split!r} has two views within"
                         f" data.window={cfg.window}")
@@ -434,11 +459,15 @@ def mixed_records(cfg: DataConfig):
     if cfg.object_tokens:
       tokens = token_store.TokenSource(cfg.object_tokens, i, data_dir, cfg.split)
       source = tokens.zip(source)
+    latents = None
+    if cfg.latents:
+      latents = latent_store.LatentSource(cfg.latents, i, data_dir, cfg.split)
+      source = latents.zip(source)
     ds = grain.MapDataset.source(source)
     # Shuffle before repeat: grain folds the epoch into the shuffle seed, so each epoch has
     # its own order.
     ds = ds.shuffle(seed=derive_seed(cfg.seed, i, 1)).repeat()
-    ds = ds.map(DecodeRecord(data_dir, cfg.encoder_size, cfg.generator_size, tokens))
+    ds = ds.map(DecodeRecord(data_dir, cfg.encoder_size, cfg.generator_size, tokens, latents))
     parts.append(ds)
     weights.append(float(weight))
   if len(parts) == 1:

@@ -51,38 +51,54 @@ def shard_name(split: str, index: int, count: int) -> str:
   return f"{split}.array_record-{index:05d}-of-{count:05d}"
 
 
-def shard_files(folder: str | os.PathLike, index: int, split: str) -> list[str]:
-  """The token files of source `index`'s split, in order (one per encoding process)."""
+def shard_files(folder: str | os.PathLike, index: int, split: str,
+                command: str = "encode-objects") -> list[str]:
+  """The record files of source `index`'s split, in order (one per encoding process)."""
   d = source_dir(folder, index)
   pattern = re.compile(rf"^{re.escape(split)}\.array_record-(\d{{5}})-of-(\d{{5}})$")
   found = sorted(p.name for p in d.iterdir() if pattern.match(p.name)) if d.is_dir() else []
   counts = {pattern.match(n).group(2) for n in found}
   if not found or len(counts) != 1 or len(found) != int(counts.pop()):
-    raise UserError(f"{d}: the {split!r} token files are missing or incomplete ({len(found)}"
-                    " found); rerun `imprint-jax encode-objects`")
+    raise UserError(f"{d}: the {split!r} record files are missing or incomplete ({len(found)}"
+                    f" found); rerun `imprint-jax {command}`")
   return [os.fspath(d / n) for n in found]
 
 
-def load_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+def read_manifest(folder: str | os.PathLike, fmt: int, key: str, command: str,
+                  derive=lambda m: None) -> dict[str, Any]:
+  """`folder`/manifest.json of a store written by `imprint-jax COMMAND`, read by config `key`,
+  checked to be format `fmt`; `derive(manifest)` adds derived entries (KeyError etc. mean a
+  corrupt manifest)."""
   path = Path(folder) / MANIFEST
   if not path.is_file():
-    raise UserError(f"data.object_tokens {folder}: no {MANIFEST} (not an `imprint-jax"
-                    " encode-objects` folder, or the encoding did not finish)")
+    raise UserError(f"{key} {folder}: no {MANIFEST} (not an `imprint-jax {command}` folder,"
+                    " or the encoding did not finish)")
   try:
     m = json.loads(path.read_text())
-    if m.get("format") != FORMAT:
-      raise UserError(f"{path}: format {m.get('format')!r}, this version reads {FORMAT}")
-    m["shape"] = (int(m["variants"]), int(m["tokens"]), int(m["width"]))
+    if m.get("format") != fmt:
+      raise UserError(f"{path}: format {m.get('format')!r}, this version reads {fmt}")
+    derive(m)
     return m
   except (ValueError, KeyError, TypeError) as e:
     raise UserError(f"{path}: corrupt manifest ({e})") from None
 
 
+def load_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+  def derive(m):
+    m["shape"] = (int(m["variants"]), int(m["tokens"]), int(m["width"]))
+  return read_manifest(folder, FORMAT, "data.object_tokens", "encode-objects", derive)
+
+
 def write_manifest(folder: str | os.PathLike, *, encoder_size: int, variants: int,
                    tokens: int, width: int, **info: Any) -> Path:
   """Writes `folder`/manifest.json (atomically); `info`: seed, sources, ... (JSON-able)."""
-  manifest = {"format": FORMAT, "encoder_size": encoder_size, "variants": variants,
-              "tokens": tokens, "width": width, "dtype": DTYPE.name, **info}
+  return write_json_manifest(folder, {"format": FORMAT, "encoder_size": encoder_size,
+                                      "variants": variants, "tokens": tokens, "width": width,
+                                      "dtype": DTYPE.name, **info})
+
+
+def write_json_manifest(folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+  """Writes `folder`/manifest.json atomically (a store's last file)."""
   path = Path(folder) / MANIFEST
   tmp = path.with_name(MANIFEST + ".tmp")
   tmp.write_text(json.dumps(manifest, indent=2) + "\n")
@@ -90,56 +106,77 @@ def write_manifest(folder: str | os.PathLike, *, encoder_size: int, variants: in
   return path
 
 
+def pack_record(pair_id: int, arrays) -> bytes:
+  """pair_id (int64, little endian) followed by the raw bytes of each array, in order."""
+  return np.int64(pair_id).astype("<i8").tobytes() + b"".join(
+      np.ascontiguousarray(a).tobytes() for a in arrays)
+
+
+def unpack_record(payload: bytes, fields) -> tuple[int, list[np.ndarray]]:
+  """`pack_record`'s bytes -> (pair_id, arrays); fields: one (shape, dtype) per array."""
+  sizes = [int(np.prod(shape)) * np.dtype(dtype).itemsize for shape, dtype in fields]
+  if len(payload) != 8 + sum(sizes):
+    raise UserError(f"record of {len(payload)} bytes, expected {8 + sum(sizes)} for"
+                    f" {[tuple(f[0]) for f in fields]}: corrupt or from another encoder")
+  pair_id = int(np.frombuffer(payload[:8], "<i8")[0])
+  arrays, at = [], 8
+  for (shape, dtype), size in zip(fields, sizes):
+    arrays.append(np.frombuffer(payload[at:at + size], dtype).reshape(shape))
+    at += size
+  return pair_id, arrays
+
+
 def encode_record(pair_id: int, tokens_KLD: np.ndarray) -> bytes:
-  return np.int64(pair_id).astype("<i8").tobytes() + np.asarray(tokens_KLD, DTYPE).tobytes()
+  return pack_record(pair_id, [np.asarray(tokens_KLD, DTYPE)])
 
 
 def decode_record(payload: bytes, shape: tuple[int, int, int]) -> tuple[int, np.ndarray]:
   """A token record -> (pair_id, (variants, L, D) float16)."""
-  expected = 8 + int(np.prod(shape)) * DTYPE.itemsize
-  if len(payload) != expected:
-    raise UserError(f"token record of {len(payload)} bytes, expected {expected} for"
-                    f" {shape}: corrupt or from another encoder")
-  pair_id = int(np.frombuffer(payload[:8], "<i8")[0])
-  return pair_id, np.frombuffer(payload[8:], DTYPE).reshape(shape)
+  pair_id, (tokens,) = unpack_record(payload, [(shape, DTYPE)])
+  return pair_id, tokens
 
 
-def check_sources(manifest: dict[str, Any], sources, split_sizes) -> None:
+def check_sources(manifest: dict[str, Any], sources, split_sizes, what: str = "object tokens",
+                  command: str = "encode-objects") -> None:
   """The run's data sources must be the ones encoded, in the same order and sizes.
 
   Args:
-    manifest: `load_manifest`'s result.
+    manifest: `load_manifest`'s result (or another store's manifest with "sources").
     sources: the run's (folder, weight) pairs.
     split_sizes: folder -> {split: records} (`data_prep.shards.split_sizes`).
+    what, command: the store's contents and the command that writes it (for errors).
   """
   encoded = manifest["sources"]
   if len(encoded) != len(sources):
-    raise UserError(f"object tokens were encoded for {len(encoded)} data sources, the run has"
-                    f" {len(sources)}; rerun `imprint-jax encode-objects` with this config")
+    raise UserError(f"{what} were encoded for {len(encoded)} data sources, the run has"
+                    f" {len(sources)}; rerun `imprint-jax {command}` with this config")
   for i, ((folder, _), entry) in enumerate(zip(sources, encoded)):
     if Path(folder).resolve() != Path(entry["path"]).resolve():
-      raise UserError(f"data source {i} is {folder} but its object tokens were encoded from"
-                      f" {entry['path']}; rerun `imprint-jax encode-objects` with this config")
+      raise UserError(f"data source {i} is {folder} but its {what} were encoded from"
+                      f" {entry['path']}; rerun `imprint-jax {command}` with this config")
     sizes = split_sizes(folder)
     for split, n in entry["splits"].items():
       if sizes.get(split) != n:
         raise UserError(f"data source {folder}: split {split!r} has {sizes.get(split)} pairs,"
-                        f" its object tokens {n}; the data changed since encoding")
+                        f" its {what} {n}; the data changed since encoding")
 
 
-class TokenSource:
-  """Random access to one source's token records of one split, aligned with its pair records.
+class RecordSource:
+  """Random access to one source's records of one split in a store (one record per pair, in
+  the order of the source's pair records), aligned with those pair records.
 
   Picklable (grain workers reopen the files)."""
+  what = "records"
+  command = "encode-objects"
 
-  def __init__(self, folder: str, index: int, data_dir: str, split: str):
+  def __init__(self, folder: str, manifest: dict[str, Any], index: int, data_dir: str,
+               split: str):
     import grain
-    manifest = load_manifest(folder)
     if index >= len(manifest["sources"]):
-      raise UserError(f"{folder}: no object tokens for data source {index} ({data_dir})")
-    self.shape = manifest["shape"]
+      raise UserError(f"{folder}: no {self.what} for data source {index} ({data_dir})")
     self.where = f"{source_dir(folder, index)} ({split})"
-    self._source = grain.sources.ArrayRecordDataSource(shard_files(folder, index, split))
+    self._source = grain.sources.ArrayRecordDataSource(
+        shard_files(folder, index, split, self.command))
 
   def __len__(self) -> int:
     return len(self._source)
@@ -148,18 +185,32 @@ class TokenSource:
     return self._source[i]
 
   def zip(self, records) -> "_Zipped":
-    """The pairs' source with each item paired with its token record."""
+    """The pairs' source with each item paired with its record in this store."""
     if len(records) != len(self):
-      raise UserError(f"{self.where}: {len(self)} token records for {len(records)} pairs;"
+      raise UserError(f"{self.where}: {len(self)} records for {len(records)} pairs;"
                       " the data changed since encoding")
     return _Zipped(records, self)
 
-  def decode(self, payload: bytes, pair_id: int) -> np.ndarray:
-    got, tokens = decode_record(payload, self.shape)
+  def unpack(self, payload: bytes, pair_id: int, fields) -> list[np.ndarray]:
+    """The arrays of the record of pair `pair_id` (refused if it is another pair's)."""
+    got, arrays = unpack_record(payload, fields)
     if got != int(pair_id):
-      raise UserError(f"{self.where}: token record of pair {got} where pair {pair_id} was"
+      raise UserError(f"{self.where}: record of pair {got} where pair {pair_id} was"
                       " expected; the data changed since encoding")
-    return tokens
+    return arrays
+
+
+class TokenSource(RecordSource):
+  """One source's token records of one split: `decode` gives (variants, L, D) float16."""
+  what = "object tokens"
+
+  def __init__(self, folder: str, index: int, data_dir: str, split: str):
+    manifest = load_manifest(folder)
+    super().__init__(folder, manifest, index, data_dir, split)
+    self.shape = manifest["shape"]
+
+  def decode(self, payload: bytes, pair_id: int) -> np.ndarray:
+    return self.unpack(payload, pair_id, [(self.shape, DTYPE)])[0]
 
 
 class _Zipped:

@@ -85,7 +85,8 @@ def data_config(c: ml_collections.ConfigDict, sources, split: str) -> pipeline.D
     kw = dict(augment=augment.AugmentConfig(lut_dir=str(c.data.get("lut_dir", ""))),
               mask_level_probs=tuple(c.data.mask_level_probs),
               augment_video_objects=bool(c.data.augment_video_objects),
-              object_tokens=str(c.data.get("object_tokens", "")))
+              object_tokens=str(c.data.get("object_tokens", "")),
+              latents=str(c.data.get("latents", "")))
   window, draws = _pairing(c)
   return pipeline.DataConfig(sources=tuple(sources), split=split, window=window,
                              draws_per_group=draws,
@@ -139,8 +140,9 @@ def train_iterator(c, setup, sources) -> TrainIterator:
 
 def val_batches(c, setup, sources) -> list[dict[str, jax.Array]]:
   """The fixed validation set: the first `eval_batches` batches of the val split (global
-  device arrays), or [] when a source has no val split. They also hold the object pixels when
-  the step reads precomputed tokens: sample grids encode and show them."""
+  device arrays), or [] when a source has no val split. They also hold the pixels that sample
+  grids use (object; stage 2: target, mask, masked_target) when the step reads precomputed
+  tokens or latents instead."""
   from imprint_jax.data_prep import shards
   from imprint_jax.train.setup import model_keys
   if not c.eval_every or c.eval_batches <= 0:
@@ -153,7 +155,8 @@ def val_batches(c, setup, sources) -> list[dict[str, jax.Array]]:
   out = []
   for _ in range(c.eval_batches):
     b = next(it)
-    keys = dict.fromkeys(("object",) + model_keys(c))
+    pixels = ("object", "target", "mask", "masked_target") if c.stage == 2 else ("object",)
+    keys = dict.fromkeys(pixels + model_keys(c))
     out.append(pipeline.to_global({k: b[k] for k in keys}, setup.mesh))
   close = getattr(it, "close", None)
   if close:

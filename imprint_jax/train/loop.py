@@ -199,6 +199,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     from imprint_jax.data_prep import shards
     token_store.check_sources(token_store.load_manifest(c.data.object_tokens), sources,
                               shards.split_sizes)
+  if setup_lib.uses_latents(c):
+    from imprint_jax.data import latent_store
+    from imprint_jax.data_prep import shards
+    token_store.check_sources(latent_store.load_manifest(c.data.latents), sources,
+                              shards.split_sizes, "latents", latent_store.COMMAND)
 
   ckpts = RunCheckpoints(workdir, keep=c.keep_checkpoints, use_async=c.async_checkpoints)
   latest = ckpts.latest_step()
@@ -224,6 +229,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     dist = encode_objects.check_encoder(setup, state)
     log.info("object tokens from %s: made by this run's encoder (probe distance %.2g)",
              c.data.object_tokens, dist)
+  if setup_lib.uses_latents(c):
+    from imprint_jax.train import encode_objects
+    dist = encode_objects.check_vae(setup, state)
+    log.info("latents from %s: made by this run's VAE (probe distance %.2g)", c.data.latents,
+             dist)
   (workdir / "config.json").write_text(c.to_json_best_effort(indent=2) + "\n")
 
   compiled, eval_fn = compile_steps(setup)

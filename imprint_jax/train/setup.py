@@ -19,13 +19,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from imprint_jax import checkpoint as ckpt_lib
-from imprint_jax.data import token_store
+from imprint_jax.data import latent_store, token_store
 from imprint_jax.errors import UserError
 from imprint_jax.models import layers
 from imprint_jax.models.adapter import AdapterConfig
 from imprint_jax.models.dinov2 import Dinov2Config
 from imprint_jax.models.dinov2 import num_tokens as dinov2_num_tokens
-from imprint_jax.models.imprint import Imprint, ImprintConfig
+from imprint_jax.models.imprint import Imprint, ImprintConfig, vae_factor
 from imprint_jax.models.unet import UNetConfig, widen_conv_in
 from imprint_jax.models.vae import VAEConfig
 from imprint_jax.train import optim, sharding
@@ -40,10 +40,23 @@ def uses_object_tokens(c: ml_collections.ConfigDict) -> bool:
   return c.stage == 2 and bool(c.data.get("object_tokens", ""))
 
 
+def uses_latents(c: ml_collections.ConfigDict) -> bool:
+  """Stage 2 reading precomputed VAE posteriors (`data.latents`) instead of running the VAE
+  encoder."""
+  return c.stage == 2 and bool(c.data.get("latents", ""))
+
+
+# With `data.latents`, what replaces each pixel input of the stage-2 step.
+LATENT_KEYS = {"target": "target_moments", "masked_target": "masked_target_moments",
+               "mask": "mask_latent"}
+
+
 def model_keys(c: ml_collections.ConfigDict) -> tuple[str, ...]:
   keys = MODEL_KEYS[c.stage]
   if uses_object_tokens(c):
     keys = ("object_tokens",) + keys[1:]
+  if uses_latents(c):
+    keys = tuple(LATENT_KEYS.get(k, k) for k in keys)
   return keys
 
 
@@ -169,10 +182,15 @@ class Setup:
     c, sh = self.config, sharding.batch_sharding(self.mesh)
     E, G = c.data.encoder_size, c.data.generator_size
     d = self.model_cfg.dinov2
+    h = G // vae_factor(self.model_cfg.vae)
+    moments = (h, h, 2 * self.model_cfg.vae.latent_channels)
     shapes = {"object": (E, E, 3), "target": (G, G, 3), "mask": (G, G, 1),
               "masked_target": (G, G, 3),
-              "object_tokens": (dinov2_num_tokens(d, E, E), d.hidden_size)}
-    dtypes = {"object_tokens": token_store.DTYPE}
+              "object_tokens": (dinov2_num_tokens(d, E, E), d.hidden_size),
+              "target_moments": moments, "masked_target_moments": moments,
+              "mask_latent": (h, h, 1)}
+    dtypes = {"object_tokens": token_store.DTYPE, "target_moments": latent_store.DTYPE,
+              "masked_target_moments": latent_store.DTYPE}
     return {k: jax.ShapeDtypeStruct((global_batch, *shapes[k]), dtypes.get(k, jnp.float32),
                                     sharding=sh)
             for k in model_keys(c)}
@@ -192,6 +210,28 @@ def _check_object_tokens(c: ml_collections.ConfigDict, schedules: dict,
     raise UserError(f"data.object_tokens {c.data.object_tokens}: encoded at {m['encoder_size']}"
                     f" px as {m['shape'][1]} x {m['shape'][2]} tokens, the run needs"
                     f" {E} px, {want[0]} x {want[1]}; rerun `imprint-jax encode-objects`")
+
+
+def _check_latents(c: ml_collections.ConfigDict, model_cfg: ImprintConfig) -> None:
+  """`data.latents` must be of the run's size and hold every mask level it draws (the VAE
+  itself is checked once its weights are loaded: `encode_objects.check_vae`)."""
+  if c.stage != 2:
+    raise UserError("data.latents is a stage-2 option")
+  m = latent_store.load_manifest(c.data.latents)
+  G = c.data.generator_size
+  f = vae_factor(model_cfg.vae)
+  want = (G // f, G // f, 2 * model_cfg.vae.latent_channels)
+  if m["generator_size"] != G or m["latent"] != want:
+    raise UserError(f"data.latents {c.data.latents}: encoded at {m['generator_size']} px as"
+                    f" {m['latent']} moments, the run needs {G} px, {want}; rerun `imprint-jax"
+                    " encode-latents`")
+  probs = tuple(c.data.mask_level_probs)
+  missing = [lv for lv in (1, 2, 3, 4) if lv <= len(probs) and probs[lv - 1] > 0
+             and lv not in m["levels"]]
+  if missing:
+    raise UserError(f"data.latents {c.data.latents}: no stored masks of level {missing[0]},"
+                    f" which data.mask_level_probs={probs} draws; rerun `imprint-jax"
+                    " encode-latents` with these probabilities")
 
 
 def build(c: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: int,
@@ -214,6 +254,8 @@ def build(c: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: in
   model_cfg = model_config(c)
   if c.data.get("object_tokens", ""):
     _check_object_tokens(c, schedules, model_cfg)
+  if c.data.get("latents", ""):
+    _check_latents(c, model_cfg)
   step_cfg = step_config(c, mesh)
   boundaries = phase_boundaries(c, steps_per_epoch)
   for name, s in schedules.items():

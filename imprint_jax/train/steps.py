@@ -79,11 +79,28 @@ def _per_sample_noise(keys_B: jax.Array, shape: tuple[int, ...], dtype) -> jax.A
   return jax.vmap(lambda k: diffusion.gaussian_noise(k, shape, dtype))(keys_B)
 
 
-def _encode_latents(model: Imprint, x_BHWC: jax.Array, keys_B: jax.Array) -> jax.Array:
-  """Frozen VAE: image in [-1, 1] -> scaled latent sample (no gradient)."""
-  mean, logvar = model.vae.encode(x_BHWC)
+def _sample_latents(model: Imprint, mean: jax.Array, logvar: jax.Array, keys_B: jax.Array
+                    ) -> jax.Array:
+  """The VAE posterior N(mean, exp(logvar)) -> scaled latent sample (no gradient)."""
   z = mean + jnp.exp(0.5 * logvar) * _per_sample_noise(keys_B, mean.shape[1:], mean.dtype)
   return jax.lax.stop_gradient(z * model.cfg.vae.scaling_factor)
+
+
+def _encode_latents(model: Imprint, x_BHWC: jax.Array, keys_B: jax.Array) -> jax.Array:
+  """Frozen VAE: image in [-1, 1] -> scaled latent sample (no gradient)."""
+  return _sample_latents(model, *model.vae.encode(x_BHWC), keys_B)
+
+
+def _latents_of(model: Imprint, batch: dict[str, jax.Array], name: str, keys_B: jax.Array
+                ) -> jax.Array:
+  """The scaled latent sample of image `batch[name]`: from its precomputed posterior
+  `batch[name + '_moments']` ([mean, logvar] on channels; stage 2, `data.latents`) when the
+  batch has it, else by running the VAE encoder. The same draw either way."""
+  moments = batch.get(f"{name}_moments")
+  if moments is None:
+    return _encode_latents(model, batch[name], keys_B)
+  mean, logvar = jnp.split(moments.astype(jnp.float32), 2, axis=-1)
+  return _sample_latents(model, mean, logvar, keys_B)
 
 
 def _context(model: Imprint, batch: dict[str, jax.Array], keys_B: jax.Array, p_drop: float
@@ -128,11 +145,15 @@ def stage1_loss(model: Imprint, batch: dict[str, jax.Array], keys_B: jax.Array,
 def stage2_loss(model: Imprint, batch: dict[str, jax.Array], keys_B: jax.Array,
                 cfg: StepConfig) -> jax.Array:
   """batch: object (or object_tokens (B, L, D)), target, mask (B, G, G, 1) in {0, 1},
-  masked_target (B, G, G, 3). keys_B: one PRNG key per sample."""
+  masked_target (B, G, G, 3); with precomputed latents target_moments, masked_target_moments
+  (B, G/f, G/f, 2C) and mask_latent (B, G/f, G/f, 1) instead of target, masked_target, mask.
+  keys_B: one PRNG key per sample."""
   vae_keys, bg_keys, drop_keys, diff_keys = _split_keys(keys_B, 4)
-  z0 = _encode_latents(model, batch["target"], vae_keys)
-  z_bg = _encode_latents(model, batch["masked_target"], bg_keys)
-  m_lat = mask_to_latent(batch["mask"], vae_factor(model.cfg.vae))
+  z0 = _latents_of(model, batch, "target", vae_keys)
+  z_bg = _latents_of(model, batch, "masked_target", bg_keys)
+  m_lat = batch.get("mask_latent")
+  if m_lat is None:
+    m_lat = mask_to_latent(batch["mask"], vae_factor(model.cfg.vae))
   ctx = _context(model, batch, drop_keys, cfg.embed_dropout)
   return _denoising_loss(model, z0, ctx, lambda x_t: model.unet_input(x_t, z_bg, m_lat),
                          diff_keys, cfg)
