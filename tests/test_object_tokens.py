@@ -1,6 +1,5 @@
-"""Precomputed stage-2 object tokens: `imprint-jax encode-objects` then training on them."""
-
-import json
+"""Precomputed stage-2 object tokens: `imprint-jax encode-objects` then training on them
+(the training run on tokens is tests/test_latents.py's, on tokens and latents together)."""
 
 import jax
 import jax.numpy as jnp
@@ -133,20 +132,6 @@ def test_loss_on_tokens_equals_loss_on_pixels(sources):
   assert sum(np.abs(a).max() > 0 for a in want) > len(want) // 2
   for a, b in zip(want, got):
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
-
-
-def test_train_on_tokens(sources, encoded, tmp_path):
-  c = tiny(sources, **{"data.object_tokens": str(encoded)})
-  result = loop.train(c, tmp_path)
-  assert result.final_step == STEPS
-  m = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  loss = {r["step"]: r["loss"] for r in m if "loss" in r}
-  assert sorted(loss) == list(range(1, STEPS + 1))
-  first, last = np.mean([loss[1], loss[2]]), np.mean([loss[STEPS - 1], loss[STEPS]])
-  assert last < 0.85 * first, (first, last)  # measured: 1.23 -> 0.93
-  assert any("val_loss" in r for r in m)
-  # The sampler encodes object pixels: validation batches of a token run must still carry them.
-  assert (tmp_path / "samples" / f"step_{STEPS:07d}.png").is_file()
 
 
 def test_bad_token_folders_fail_before_compiling(sources, encoded, tmp_path, monkeypatch):
