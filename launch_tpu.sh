@@ -9,8 +9,9 @@
 #            created again), ship this working tree to every worker, install it there
 #   run      create, then start `imprint-jax IMPRINT_JAX_COMMAND` on every worker in the
 #            background and stream worker 0's log (Ctrl-C stops the streaming, not the job).
-#            `train` and `encode-objects` get --distributed; `train` gets --resume, so a run
-#            continues from its workdir's latest checkpoint (--fresh: not added)
+#            `train`, `encode-objects` and `encode-latents` get --distributed; `train` gets
+#            --resume, so a run continues from its workdir's latest checkpoint (--fresh: not
+#            added)
 #   logs     stream a worker's log (--worker N, default 0)
 #   status   the slice's state and each worker's job (running, or its exit status)
 #   stop     SIGTERM the job on every worker: `train` saves at the next step and exits
@@ -382,7 +383,7 @@ job_args() {  # the imprint-jax command as run on the workers
     train)
       [[ $has_dist -eq 0 ]] && JOB+=(--distributed)
       [[ $has_resume -eq 0 && $FRESH -eq 0 ]] && JOB+=(--resume) ;;
-    encode-objects) [[ $has_dist -eq 0 ]] && JOB+=(--distributed) ;;
+    encode-objects|encode-latents) [[ $has_dist -eq 0 ]] && JOB+=(--distributed) ;;
   esac
   return 0
 }
