@@ -17,6 +17,10 @@ and a training step picks one at random (see `pipeline.Stage2Transform`).
                              one record per pair of data source 0's split, in the order of the
                              source's records: pair_id (int64, little endian), then the
                              (variants, L, D) float16 tokens; one file per encoding process
+
+The layout (manifest last, probe, per-source record files aligned with the pair records) and
+the code that reads and checks it (`read_manifest`, `pack_record`, `RecordSource`,
+`check_sources`) are shared with the VAE latents of `imprint_jax.data.latent_store`.
 """
 
 from __future__ import annotations

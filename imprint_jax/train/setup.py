@@ -226,8 +226,8 @@ def _check_latents(c: ml_collections.ConfigDict, model_cfg: ImprintConfig) -> No
                     f" {m['latent']} moments, the run needs {G} px, {want}; rerun `imprint-jax"
                     " encode-latents`")
   probs = tuple(c.data.mask_level_probs)
-  missing = [lv for lv in (1, 2, 3, 4) if lv <= len(probs) and probs[lv - 1] > 0
-             and lv not in m["levels"]]
+  drawn = latent_store.variant_levels(probs, 1)  # also validates the probabilities
+  missing = [lv for lv in drawn if lv not in m["levels"]]
   if missing:
     raise UserError(f"data.latents {c.data.latents}: no stored masks of level {missing[0]},"
                     f" which data.mask_level_probs={probs} draws; rerun `imprint-jax"
