@@ -403,3 +403,89 @@ def test_second_train_on_a_workdir_is_refused(tmp_path):
   assert last.startswith("imprint-jax train: error: ") and f"pid {os.getpid()}" in last, last
   assert "is in use by another run" in last and "--takeover" in last
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Corrupt records in pair shards and object-token files
+
+
+def _corrupt_copy(clean: Path, dest: Path) -> Path:
+  import shutil
+  shutil.copytree(clean, dest, ignore=shutil.ignore_patterns(".prepare"))
+  shard = next(dest.glob("imprint_pairs-train.array_record-*"))
+  # Inside the records (the 64 KiB block headers and the footer hold the file's index: a
+  # flip there makes the whole file unreadable, which fails on opening, not per record).
+  flip_byte(shard, 20000)
+  return shard
+
+
+def test_corrupt_pair_record_stops_or_is_skipped(clean_build, tmp_path, caplog):
+  from imprint_jax.data import pipeline, records
+  shard = _corrupt_copy(clean_build, tmp_path / "pairs")
+  source, _ = pipeline.open_source(str(tmp_path / "pairs"), "train")
+  bad = []
+  for i in range(len(source)):
+    try:
+      source[i]
+    except records.CorruptRecord as e:
+      bad.append((i, str(e)))
+  assert len(bad) == 1, bad  # one record per riegeli chunk: one flipped byte, one record
+  index, msg = bad[0]
+  assert msg.startswith(f"{shard}: record {index} is corrupt (Corrupted Riegeli"), msg
+  n = len(source)
+
+  def one_epoch(on_corrupt):
+    cfg = pipeline.DataConfig(sources=((str(tmp_path / "pairs"), 1.0),), encoder_size=32,
+                              generator_size=32, on_corrupt_record=on_corrupt, read_threads=0)
+    it = iter(pipeline.stage1_dataset(cfg, global_batch=1))
+    return [next(it) for _ in range(n)]  # every record of the first (shuffled) epoch
+
+  with pytest.raises(UserError) as e:
+    one_epoch("stop")
+  assert str(e.value) == f"{msg}; set data.on_corrupt_record='skip' to skip such records"
+  with caplog.at_level(logging.WARNING, logger="imprint_jax.data"):
+    batches = one_epoch("skip")
+  assert len(batches) == n
+  assert f"{msg}; skipped (1 corrupt records skipped by this process)" in caplog.text
+  with pytest.raises(UserError, match="on_corrupt_record='ignore': expected one of"):
+    pipeline.DataConfig(on_corrupt_record="ignore")
+
+
+def test_corrupt_token_record_names_file_and_record(tmp_path):
+  from data_prep import shards
+  from imprint_jax.data import records, token_store
+  folder = tmp_path / "tokens"
+  shape = (1, 16, 32)  # 1 KiB per record
+  folder.mkdir()
+  token_store.write_manifest(folder, encoder_size=32, variants=1, tokens=16, width=32,
+                             sources=[{"path": "pairs", "splits": {"train": 5}}])
+  path = token_store.source_dir(folder, 0) / token_store.shard_name("train", 0, 1)
+  path.parent.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  payloads = [token_store.encode_record(i, rng.standard_normal(shape).astype(np.float16))
+              for i in range(5)]
+  shards.write_array_record(path, payloads)
+  src = token_store.TokenSource(str(folder), 0, "pairs", "train")
+  assert [token_store.decode_record(src[i], shape)[0] for i in range(5)] == list(range(5))
+  clean = path.read_bytes()
+
+  def bad_records():
+    src = token_store.TokenSource(str(folder), 0, "pairs", "train")
+    out = []
+    for i in range(len(src)):
+      try:
+        src[i]
+      except records.CorruptRecord as e:
+        out.append((i, str(e)))
+    return out
+
+  for offset in range(1500, 5000, 250):  # inside the records, past the first
+    path.write_bytes(clean)
+    flip_byte(path, offset)
+    bad = bad_records()
+    if len(bad) == 1 and bad[0][0] > 0:
+      break
+  else:
+    pytest.fail("no single flipped byte damages exactly one token record")
+  index, msg = bad[0]
+  assert msg.startswith(f"{path}: record {index} is corrupt (Corrupted Riegeli"), msg

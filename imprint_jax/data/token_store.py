@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from imprint_jax.data import records
 from imprint_jax.errors import UserError
 
 FORMAT = 1
@@ -139,7 +140,9 @@ class TokenSource:
       raise UserError(f"{folder}: no object tokens for data source {index} ({data_dir})")
     self.shape = manifest["shape"]
     self.where = f"{source_dir(folder, index)} ({split})"
-    self._source = grain.sources.ArrayRecordDataSource(shard_files(folder, index, split))
+    files = shard_files(folder, index, split)
+    self._source = records.Checked(grain.sources.ArrayRecordDataSource(files), files,
+                                   records.array_record_lengths(files))
 
   def __len__(self) -> int:
     return len(self._source)
