@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from imprint_jax import checkpoint as ckpt_lib
@@ -72,8 +72,7 @@ class RunCheckpoints:
   def _step_folder_being_saved(self) -> Path:
     """The folder orbax is committing: its temporary folder (renamed after the callback) on a
     POSIX path, the final folder itself in commit-file mode (gs://)."""
-    tmp = sorted(self.dir.glob(f"{self._saving}.orbax-checkpoint-tmp*"),
-                 key=lambda p: p.stat().st_mtime)
+    tmp = sorted(self.dir.glob(f"{self._saving}.orbax-checkpoint-tmp*"))  # by timestamp
     return tmp[-1] if tmp else self.dir / str(self._saving)
 
   def _write_checksums(self) -> None:
@@ -90,7 +89,7 @@ class RunCheckpoints:
       step, self._saving = self._saving, None
       if jax.process_index() == 0 and step is not None:
         for tmp in self.dir.glob(f"{step}.orbax-checkpoint-tmp*"):
-          shutil.rmtree(tmp, ignore_errors=True)
+          epath.Path(tmp).rmtree(missing_ok=True)
       first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
       raise UserError(f"{self.dir}: saving the checkpoint of step {step} failed ({first[:300]});"
                       f" the earlier checkpoints are intact") from None
