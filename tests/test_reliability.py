@@ -212,7 +212,7 @@ def test_full_disk_during_checkpoint_save(small_disk):
 
 @pytest.fixture(scope="module")
 def raw_mvimgnet(tmp_path_factory):
-  from data_prep import synthetic
+  from imprint_jax.data_prep import synthetic
   cfg = synthetic.SyntheticConfig(groups=3, frames=5, frame_size=96, objects=2, seed=3)
   return synthetic.generate(tmp_path_factory.mktemp("raw"), cfg,
                             layouts=("mvimgnet",))["mvimgnet"]
@@ -228,7 +228,7 @@ def _files(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def clean_build(raw_mvimgnet, tmp_path_factory) -> Path:
-  from data_prep import prepare
+  from imprint_jax.data_prep import prepare
   args = argparse.ArgumentParser()
   prepare.add_arguments(args)
   out = tmp_path_factory.mktemp("clean") / "pairs"
@@ -246,7 +246,7 @@ def test_writer_failing_part_way_in_prepare(raw_mvimgnet, clean_build, tmp_path,
   """An ArrayRecord writer that fails part way like a full disk does (riegeli's RuntimeError):
   one line, the partial file removed, finished work units kept for the rerun."""
   from array_record.python import array_record_module as arm
-  from data_prep import prepare
+  from imprint_jax.data_prep import prepare
   real = arm.ArrayRecordWriter
   writes = {"n": 0}
   fail_after = 2 if phase == 1 else _pairs(clean_build) + 2  # each record: unit, then shard
@@ -452,7 +452,7 @@ def test_corrupt_pair_record_stops_or_is_skipped(clean_build, tmp_path, caplog):
 
 
 def test_corrupt_token_record_names_file_and_record(tmp_path):
-  from data_prep import shards
+  from imprint_jax.data_prep import shards
   from imprint_jax.data import records, token_store
   folder = tmp_path / "tokens"
   shape = (1, 16, 32)  # 1 KiB per record
