@@ -201,6 +201,7 @@ def test_full_disk_during_checkpoint_save(small_disk):
     ckpts.close()
   msg = str(e.value)
   assert "\n" not in msg and "saving the checkpoint of step 2 failed" in msg, msg
+  assert "No space left on device" in msg, msg
   steps = small_disk / "checkpoints"
   assert sorted(p.name for p in steps.iterdir()) == ["1"], list(steps.iterdir())
   assert integrity.verify(steps / "1")

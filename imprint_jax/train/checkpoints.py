@@ -91,7 +91,9 @@ class RunCheckpoints:
         for tmp in self.dir.glob(f"{step}.orbax-checkpoint-tmp*"):
           epath.Path(tmp).rmtree(missing_ok=True)
       first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
-      raise UserError(f"{self.dir}: saving the checkpoint of step {step} failed ({first[:300]});"
+      if len(first) > 320:  # tensorstore: what it wrote first, the OS error at the end
+        first = f"{first[:150]} ... {first[-160:]}"
+      raise UserError(f"{self.dir}: saving the checkpoint of step {step} failed ({first});"
                       f" the earlier checkpoints are intact") from None
 
   def restore_intact(self, setup: Setup) -> tuple[TrainState, dict[str, Any]]:
