@@ -82,7 +82,8 @@ class DataConfig:
     draws_per_group: view datasets: visits of each object per epoch, one fresh pair each.
       6: the paper's 1,409,545 MVImgNet pairs over ~219k objects.
     on_corrupt_record: "stop" (one line naming shard and record) or "skip" (use the next
-      intact record, logged and counted) when a record fails its checksum (`records`).
+      intact record, logged and counted) when a record fails its checksum (`records`). View
+      datasets always stop (another object's record would make a wrong pair).
     seed: seeds the shuffles, the view pairs and the augmentation.
   """
   sources: tuple[tuple[str, float], ...] = ()
