@@ -219,8 +219,9 @@ def raw_mvimgnet(tmp_path_factory):
                             layouts=("mvimgnet",))["mvimgnet"]
 
 
-PREPARE_ARGS = ["--source", "mvimgnet", "--workers", "1", "--no-progress", "--encoder-size",
-                "32", "--generator-size", "32", "--min-size", "16", "--split", "train"]
+PREPARE_ARGS = ["--source", "mvimgnet", "--pairing", "pairs", "--workers", "1", "--no-progress",
+                "--encoder-size", "32", "--generator-size", "32", "--min-size", "16",
+                "--split", "train"]
 
 
 def _files(folder: Path) -> list[str]:
