@@ -58,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
   c.async_checkpoints = True
+  c.lease_ttl_s = 60.0          # the workdir lease expires this long after its last renewal
   return c
 
 

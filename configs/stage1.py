@@ -38,6 +38,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.draws_per_group = 6
   c.data.num_workers = 8
   c.data.prefetch = 2
+  c.data.on_corrupt_record = "stop"  # or "skip": a record failing its checksum is replaced
 
   c.train.epochs = 5
   c.train.embed_dropout = 0.05

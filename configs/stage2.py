@@ -52,6 +52,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.data.latents = ""
   c.data.num_workers = 8
   c.data.prefetch = 2
+  c.data.on_corrupt_record = "stop"  # or "skip": a record failing its checksum is replaced
 
   c.train.epochs = 15
   c.train.embed_dropout = 0.1

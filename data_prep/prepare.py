@@ -227,9 +227,13 @@ def main(args: argparse.Namespace) -> int:
     return 0
   if not args.root:
     raise UserError(f"--root is required for --source {args.source}")
-  summary = prepare(args.source, args.root, args.out, cfg, split=args.split,
-                    workers=args.workers, overwrite=args.overwrite,
-                    progress=not args.no_progress)
+  try:
+    summary = prepare(args.source, args.root, args.out, cfg, split=args.split,
+                      workers=args.workers, overwrite=args.overwrite,
+                      progress=not args.no_progress)
+  except OSError as e:  # storage (full disk, quota, permissions) outside the shard writers
+    raise UserError(f"prepare into {args.out} failed: {e}; finished work units are kept, a"
+                    " rerun continues from them") from None
   print(format_summary(summary))
   return 0
 
@@ -504,8 +508,13 @@ def _unit_paths(work: Path, index: int) -> tuple[Path, Path]:
 def _write_json(path: Path, data: Any) -> None:
   """Writes JSON atomically (temporary file + rename)."""
   tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-  tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
-  os.replace(tmp, path)
+  try:
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+  except OSError as e:
+    tmp.unlink(missing_ok=True)
+    raise UserError(f"{path}: writing failed ({e.strerror or e}); the partial file was"
+                    " removed") from None
 
 
 def _read_json(path: Path) -> Any | None:

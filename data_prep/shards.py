@@ -144,15 +144,32 @@ def write_array_record(path: Path, payloads: Iterable[bytes],
   count = 0
   try:
     for payload in payloads:
-      writer.write(payload)
+      try:
+        writer.write(payload)
+      except (RuntimeError, OSError) as e:
+        raise _write_failed(path, e) from None
       count += 1
   except BaseException:
-    writer.close()
+    try:
+      writer.close()
+    except (RuntimeError, OSError):
+      pass  # the first failure is the one to report
     tmp.unlink(missing_ok=True)
     raise
-  writer.close()
-  os.replace(tmp, path)
+  try:
+    writer.close()  # flushes the last chunk: a full disk often shows only here
+    os.replace(tmp, path)
+  except (RuntimeError, OSError) as e:
+    tmp.unlink(missing_ok=True)
+    raise _write_failed(path, e) from None
   return count, path.stat().st_size
+
+
+def _write_failed(path: Path, e: BaseException) -> Exception:
+  """A storage failure (full disk, quota, permissions) while writing `path`: one line."""
+  from imprint_jax.errors import UserError
+  first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
+  return UserError(f"{path}: writing failed ({first[:300]}); the partial file was removed")
 
 
 def read_array_record(path: Path) -> list[bytes]:

@@ -7,11 +7,15 @@ A checkpoint is a folder with the orbax items
 `imprint-jax import` writes one such folder; training writes `<workdir>/checkpoints/<step>/`
 through an orbax CheckpointManager. `resolve()` accepts either, or a training workdir (its best
 checkpoint by validation loss if one was recorded, else its latest).
+Every checkpoint also holds `checksums.json` (see `imprint_jax.integrity`), verified before
+its parameters are restored: a corrupt checkpoint is refused with one line naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +23,14 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from imprint_jax import integrity
 from imprint_jax.errors import UserError
 from imprint_jax.models.imprint import Imprint, ImprintConfig
 from imprint_jax.models import layers
 
 CHECKPOINTS_DIR = "checkpoints"
+
+log = logging.getLogger("imprint_jax")
 
 
 def abstract_arrays(state: Any, shardings: Any | None = None) -> Any:
@@ -96,7 +103,28 @@ def save_model(path: str | Path, model: Imprint, meta: dict[str, Any]) -> Path:
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
     ck.save(path, args=ocp.args.Composite(model=ocp.args.StandardSave(pure),
                                           meta=ocp.args.JsonSave(meta)))
+  _write_checksums(path)
   return path
+
+
+def _write_checksums(path: Path) -> None:
+  """The checksums of a fresh `save_model` folder; on failure the folder goes too."""
+  if jax.process_index() != 0:
+    return
+  try:
+    integrity.write(path)
+  except OSError as e:
+    shutil.rmtree(path, ignore_errors=True)
+    raise UserError(f"{path}: writing its checksums failed ({e}); nothing was kept") from None
+
+
+def verify(ckpt: Path) -> None:
+  """Checks the checkpoint's files against its checksums (CorruptCheckpoint, one line, if
+  they differ); warns if it has none."""
+  what = f"the checkpoint of step {ckpt.name}" if ckpt.name.isdigit() else "the checkpoint"
+  if not integrity.verify(ckpt, what):
+    log.warning("%s: no %s (written by an older imprint-jax); not verified", ckpt,
+                integrity.CHECKSUMS)
 
 
 def restore_model_state(ckpt: Path, abstract_model: Imprint, shardings: Any | None = None
@@ -105,6 +133,7 @@ def restore_model_state(ckpt: Path, abstract_model: Imprint, shardings: Any | No
   (an `nnx.eval_shape` module), placed by `shardings` (a State of NamedShardings) if given."""
   state = nnx.state(abstract_model, nnx.Param)
   target = nnx.to_pure_dict(abstract_arrays(state, shardings))
+  verify(ckpt)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
     try:
       restored = ck.restore(ckpt, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))

@@ -104,7 +104,10 @@ def _add_train(sub) -> None:
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value, e.g. --set train.global_batch=512")
   p.add_argument("--resume", action="store_true",
-                 help="continue from the workdir's latest checkpoint (exactly)")
+                 help="continue from the workdir's latest intact checkpoint (exactly)")
+  p.add_argument("--takeover", action="store_true",
+                 help="take the workdir over from a run that holds its lease but is dead"
+                 " (a live holder's lease is otherwise refused until it expires)")
   p.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize() (automatic on TPU VMs; elsewhere give"
                  " --coordinator, --num-processes, --process-id)")
@@ -126,7 +129,7 @@ def _run_train(args) -> int:
     jax.distributed.initialize(**kw)
   from imprint_jax.train import loop, run_config
   config = run_config.load(args.config, args.set)
-  loop.train(config, args.workdir, resume=args.resume)
+  loop.train(config, args.workdir, resume=args.resume, takeover=args.takeover)
   return 0
 
 

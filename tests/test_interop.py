@@ -87,6 +87,28 @@ def test_import_export_round_trip_is_bit_exact(folders, tmp_path):
          np.uint8), box=(0, 0, 4, 4))
 
 
+def test_corrupt_import_is_refused(folders, tmp_path, capsys):
+  """`import` writes checksums; a command loading the checkpoint refuses it once a byte of
+  it changed: one line naming the file, nothing written."""
+  from imprint_jax import integrity
+  ckpt = tmp_path / "ckpt"
+  assert _run("import", "--sd", folders / "sd", "--dinov2", folders / "dinov2",
+              "--out", ckpt) == 0
+  assert integrity.verify(ckpt)
+  victim = max((p for p in (ckpt / "model").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+  data = bytearray(victim.read_bytes())
+  data[len(data) // 2] ^= 1
+  victim.write_bytes(bytes(data))
+  capsys.readouterr()
+  assert _run("export", ckpt, "--out", tmp_path / "export") == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  rel = victim.relative_to(ckpt).as_posix()
+  assert len(err) == 1 and err[0].startswith("imprint-jax export: error: "), err
+  assert f"the checkpoint is corrupt: {rel} does not match the SHA-256" in err[0], err
+  assert not (tmp_path / "export").exists()
+
+
 def test_bad_inputs_exit_2_and_write_nothing(folders, tmp_path, capsys):
   out = tmp_path / "ckpt"
   empty = tmp_path / "empty"

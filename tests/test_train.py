@@ -297,6 +297,36 @@ def test_sigterm_then_resume_equals_uninterrupted(stage1_run, sources, tmp_path)
     assert got[s]["loss"] == ref[s]["loss"], (s, got[s]["loss"], ref[s]["loss"])
 
 
+def test_resume_skips_a_corrupt_step_and_load_refuses_it(stage1_run, sources, tmp_path):
+  """Bytes flipped in the newest step's parameters: `load_model` refuses that step with one
+  line naming it and the file; `--resume` falls back to step 8 and reproduces the
+  uninterrupted run's losses exactly."""
+  from imprint_jax import integrity
+  _, ref_dir, _ = stage1_run
+  ref = losses(ref_dir)
+  c = tiny(1, sources, sample_every=0)
+  shutil.copytree(Path(ref_dir) / ckpt_lib.CHECKPOINTS_DIR, tmp_path / ckpt_lib.CHECKPOINTS_DIR)
+  shutil.copy(Path(ref_dir) / "metrics.jsonl", tmp_path / "metrics.jsonl")
+  step_dir = tmp_path / ckpt_lib.CHECKPOINTS_DIR / str(STEPS)
+  victim = max((p for p in (step_dir / "model").rglob("*") if p.is_file()),
+               key=lambda p: p.stat().st_size)
+  data = bytearray(victim.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  victim.write_bytes(bytes(data))
+  rel = victim.relative_to(step_dir).as_posix()
+  with pytest.raises(integrity.CorruptCheckpoint,
+                     match=f"the checkpoint of step {STEPS} is corrupt: {rel} does not match"):
+    ckpt_lib.load_model(step_dir)
+  result = loop.train(c, tmp_path, resume=True)
+  assert result.final_step == STEPS
+  got = losses(tmp_path)
+  assert sorted(got) == list(range(1, STEPS + 1))
+  for s in range(1, STEPS + 1):
+    assert got[s]["loss"] == ref[s]["loss"], (s, got[s]["loss"], ref[s]["loss"])
+  assert (tmp_path / ckpt_lib.CHECKPOINTS_DIR / f"corrupt-{STEPS}").is_dir()
+  assert integrity.verify(step_dir)  # rewritten by the resumed run
+
+
 def test_resume_into_another_optimizer_layout_fails_clearly(stage1_run, sources, tmp_path):
   _, ref_dir, _ = stage1_run
   shutil.copytree(Path(ref_dir) / ckpt_lib.CHECKPOINTS_DIR, tmp_path / ckpt_lib.CHECKPOINTS_DIR)

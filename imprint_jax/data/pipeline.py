@@ -52,6 +52,7 @@ from PIL import Image
 
 from imprint_jax.data import augment as augment_lib
 from imprint_jax.data import masks as masks_lib
+from imprint_jax.data import records
 from imprint_jax.data import schema
 from imprint_jax.data import latent_store, token_store
 from imprint_jax.errors import UserError
@@ -86,6 +87,9 @@ class DataConfig:
       copy (docs/paper_fidelity.md).
     draws_per_group: view datasets: visits of each object per epoch, one fresh pair each.
       6: the paper's 1,409,545 MVImgNet pairs over ~219k objects.
+    on_corrupt_record: "stop" (one line naming shard and record) or "skip" (use the next
+      intact record, logged and counted) when a record fails its checksum (`records`). View
+      datasets always stop (another object's record would make a wrong pair).
     seed: seeds the shuffles, the view pairs and the augmentation.
   """
   sources: tuple[tuple[str, float], ...] = ()
@@ -103,6 +107,7 @@ class DataConfig:
   latents: str = ""
   window: int = 7
   draws_per_group: int = 6
+  on_corrupt_record: str = "stop"
   seed: int = 0
 
   def __post_init__(self):
@@ -111,6 +116,9 @@ class DataConfig:
     for name in ("encoder_size", "generator_size"):
       if getattr(self, name) <= 0:
         raise UserError(f"DataConfig.{name}={getattr(self, name)}: must be positive")
+    if self.on_corrupt_record not in records.ON_CORRUPT:
+      raise UserError(f"data.on_corrupt_record={self.on_corrupt_record!r}: expected one of"
+                      f" {records.ON_CORRUPT}")
     for name in ("num_workers", "prefetch", "read_threads"):
       if getattr(self, name) < 0:
         raise UserError(f"DataConfig.{name}={getattr(self, name)}: must be >= 0")
@@ -153,7 +161,11 @@ def open_source(data_dir: str, split: str, reader: str = "grain") -> tuple[Any, 
   import grain
   from tensorflow_datasets.core.data_sources import base as tfds_sources
   instructions = tfds_sources.file_instructions(builder.info, split)
-  return grain.sources.ArrayRecordDataSource(instructions), builder.info.features
+  # A record failing riegeli's checksum is named (shard, record) by `records.Checked`.
+  lengths = [i.take if i.take >= 0 else i.examples_in_shard - i.skip for i in instructions]
+  return (records.Checked(grain.sources.ArrayRecordDataSource(instructions),
+                          [i.filename for i in instructions], lengths),
+          builder.info.features)
 
 
 def decode_record(item: Any, features: Any) -> dict[str, Any]:
@@ -463,7 +475,7 @@ def mixed_records(cfg: DataConfig):
     if cfg.latents:
       latents = latent_store.LatentSource(cfg.latents, i, data_dir, cfg.split)
       source = latents.zip(source)
-    ds = grain.MapDataset.source(source)
+    ds = grain.MapDataset.source(records.Skipping(source, cfg.on_corrupt_record))
     # Shuffle before repeat: grain folds the epoch into the shuffle seed, so each epoch has
     # its own order.
     ds = ds.shuffle(seed=derive_seed(cfg.seed, i, 1)).repeat()

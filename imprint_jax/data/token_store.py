@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from imprint_jax.data import records
 from imprint_jax.errors import UserError
 
 FORMAT = 1
@@ -179,8 +180,9 @@ class RecordSource:
     if index >= len(manifest["sources"]):
       raise UserError(f"{folder}: no {self.what} for data source {index} ({data_dir})")
     self.where = f"{source_dir(folder, index)} ({split})"
-    self._source = grain.sources.ArrayRecordDataSource(
-        shard_files(folder, index, split, self.command))
+    files = shard_files(folder, index, split, self.command)
+    self._source = records.Checked(grain.sources.ArrayRecordDataSource(files), files,
+                                   records.array_record_lengths(files))
 
   def __len__(self) -> int:
     return len(self._source)

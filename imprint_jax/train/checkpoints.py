@@ -4,21 +4,32 @@ Each checkpoint holds the whole model (so `composite` and `export` can use it di
 optimizer state, and JSON metadata: step, the data iterator's state, the run config and the
 model config. Saves are asynchronous. Kept: the last `keep` checkpoints plus the best one by
 validation loss.
+
+Integrity (see `imprint_jax.integrity`): each step folder gets `checksums.json` inside orbax's
+commit; `restore` verifies the newest step and falls back to the newest intact one, setting
+corrupt steps aside as `corrupt-<step>/` so the run can write those steps again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from imprint_jax import checkpoint as ckpt_lib
+from imprint_jax import integrity
 from imprint_jax.errors import UserError
 from imprint_jax.train.setup import Setup, full_model_state
 from imprint_jax.train.steps import TrainState, select_like
+
+
+log = logging.getLogger("imprint_jax.train")
 
 
 class RunCheckpoints:
@@ -30,8 +41,12 @@ class RunCheckpoints:
         pp.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
                  keep_checkpoints_without_metrics=False),
     ])
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy,
-                                           enable_async_checkpointing=use_async, create=True)
+    self.use_async = use_async
+    self._saving: int | None = None
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=policy, enable_async_checkpointing=use_async, create=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums)
+        if use_async else None)
     self.manager = ocp.CheckpointManager(self.dir, options=options,
                                          item_names=("model", "opt_state", "meta"))
 
@@ -43,10 +58,75 @@ class RunCheckpoints:
     step = int(meta["step"])
     model = full_model_state(state)
     metrics = None if val_loss is None else {"val_loss": float(val_loss)}
-    self.manager.save(step, args=ocp.args.Composite(
-        model=ocp.args.StandardSave(model),
-        opt_state=ocp.args.StandardSave(state.opt_state),
-        meta=ocp.args.JsonSave(meta)), metrics=metrics, force=force)
+    with self._save_errors():  # also reports a failure of the previous (async) save
+      self.manager.wait_until_finished()
+    self._saving = step
+    with self._save_errors():
+      self.manager.save(step, args=ocp.args.Composite(
+          model=ocp.args.StandardSave(model),
+          opt_state=ocp.args.StandardSave(state.opt_state),
+          meta=ocp.args.JsonSave(meta)), metrics=metrics, force=force)
+      if not self.use_async:
+        self._write_checksums()
+
+  def _step_folder_being_saved(self) -> Path:
+    """The folder orbax is committing: its temporary folder (renamed after the callback) on a
+    POSIX path, the final folder itself in commit-file mode (gs://)."""
+    tmp = sorted(self.dir.glob(f"{self._saving}.orbax-checkpoint-tmp*"))  # by timestamp
+    return tmp[-1] if tmp else self.dir / str(self._saving)
+
+  def _write_checksums(self) -> None:
+    """Orbax's post-finalization callback (primary host only, all hosts' files written)."""
+    if jax.process_index() == 0 and self._saving is not None:
+      integrity.write(self._step_folder_being_saved())
+
+  @contextlib.contextmanager
+  def _save_errors(self):
+    """A failed save (full disk, lost permissions) -> one line; its partial folder removed."""
+    try:
+      yield
+    except (OSError, ValueError, RuntimeError) as e:
+      step, self._saving = self._saving, None
+      if jax.process_index() == 0 and step is not None:
+        for tmp in self.dir.glob(f"{step}.orbax-checkpoint-tmp*"):
+          epath.Path(tmp).rmtree(missing_ok=True)
+      first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
+      if len(first) > 320:  # tensorstore: what it wrote first, the OS error at the end
+        first = f"{first[:150]} ... {first[-160:]}"
+      raise UserError(f"{self.dir}: saving the checkpoint of step {step} failed ({first});"
+                      f" the earlier checkpoints are intact") from None
+
+  def restore_intact(self, setup: Setup) -> tuple[TrainState, dict[str, Any]]:
+    """The state of the newest step whose files match their checksums (logging each corrupt
+    step it skips and setting it aside as `corrupt-<step>/`), and its metadata."""
+    corrupt = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        if not integrity.verify(self.dir / str(step), f"the checkpoint of step {step}"):
+          log.warning("%s: the checkpoint of step %d has no checksums (written by an older"
+                      " imprint-jax, or the run stopped right after orbax's commit); restoring"
+                      " it unverified", self.dir, step)
+      except integrity.CorruptCheckpoint as e:
+        log.error("%s", e)
+        corrupt.append(step)
+        continue
+      if corrupt:
+        log.warning("resuming from step %d, the newest intact checkpoint (corrupt: step %s,"
+                    " set aside as %s)", step, ", ".join(map(str, corrupt)),
+                    ", ".join(f"corrupt-{s}" for s in corrupt))
+        self._set_aside(corrupt)
+      return self.restore(setup, step)
+    raise UserError(f"{self.dir}: no intact checkpoint to resume from (corrupt: step"
+                    f" {', '.join(map(str, corrupt))}); start a new --workdir")
+
+  def _set_aside(self, steps: list[int]) -> None:
+    if jax.process_index() == 0:
+      for step in steps:
+        (self.dir / str(step)).rename(self.dir / f"corrupt-{step}")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("imprint-jax: corrupt steps set aside")
+    self.manager.reload()
 
   def restore(self, setup: Setup, step: int | None = None) -> tuple[TrainState, dict[str, Any]]:
     """The state at `step` (default: latest) in the run's shardings, and its metadata."""
@@ -74,8 +154,17 @@ class RunCheckpoints:
     return state, meta
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    with self._save_errors():
+      self.manager.wait_until_finished()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
+    try:
+      with self._save_errors():
+        self.manager.wait_until_finished()
+    except UserError:
+      try:
+        self.manager.close()
+      except Exception:  # the same failure again: already reported
+        pass
+      raise
     self.manager.close()

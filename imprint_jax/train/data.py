@@ -93,7 +93,9 @@ def data_config(c: ml_collections.ConfigDict, sources, split: str) -> pipeline.D
                              encoder_size=c.data.encoder_size,
                              generator_size=c.data.generator_size,
                              num_workers=c.data.num_workers if split == "train" else 0,
-                             prefetch=c.data.prefetch, seed=c.seed, **kw)
+                             prefetch=c.data.prefetch, seed=c.seed,
+                             on_corrupt_record=str(c.data.get("on_corrupt_record", "stop")),
+                             **kw)
 
 
 def _dataset(c, setup, sources, split: str, global_batch: int):

@@ -6,6 +6,8 @@ when the window's metrics are fetched at once (that is also when a NaN/inf loss 
 and reported with its step and pair ids). Validation loss every `eval_every` steps, sample
 grids every `sample_every` steps, asynchronous orbax checkpoints every `checkpoint_every`
 steps, and on SIGTERM (TPU preemption) a checkpoint at the next step boundary and a clean exit.
+The run holds the workdir's lease (`train.lease`) from start to end; `--resume` restores the
+newest checkpoint whose checksums match (`RunCheckpoints.restore_intact`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from imprint_jax.data import token_store
 from imprint_jax.errors import UserError
 from imprint_jax.models import layers
 from imprint_jax.train import data as train_data
+from imprint_jax.train import lease as lease_lib
 from imprint_jax.train import setup as setup_lib
 from imprint_jax.train import sharding
 from imprint_jax.train.checkpoints import RunCheckpoints
@@ -175,9 +178,10 @@ def _first_bad_step(window, values) -> tuple[int, list[int]] | None:
 
 
 def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool = False,
-          stop_after: int | None = None) -> RunResult:
+          stop_after: int | None = None, takeover: bool = False) -> RunResult:
   """Runs (or resumes) a training run in `workdir`. `stop_after` ends the run early at that
-  step, as if preempted (for tests and experiments)."""
+  step, as if preempted (for tests and experiments). `takeover`: take the workdir's lease even
+  if another run seems to hold it (see `train.lease`)."""
   if not log.handlers:  # absl may own the root logger: give ours its own handler
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
@@ -186,6 +190,13 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     log.propagate = False
   workdir = Path(workdir).absolute()
   workdir.mkdir(parents=True, exist_ok=True)
+  lease = lease_lib.hold(workdir, ttl_s=config.get("lease_ttl_s", 60.0), takeover=takeover)
+  with lease:
+    return _train(config, workdir, resume=resume, stop_after=stop_after, lease=lease)
+
+
+def _train(config, workdir: Path, *, resume: bool, stop_after: int | None, lease
+           ) -> RunResult:
   c = config
   sources = train_data.resolve_sources(c, workdir)
   steps_per_epoch = train_data.steps_per_epoch(sources, c.train.global_batch, c)
@@ -215,7 +226,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
            steps_per_epoch, c.train.global_batch, dict(setup.mesh.shape))
   log.info("%s", phases)
   if resume and latest is not None:
-    state, meta = ckpts.restore(setup)
+    state, meta = ckpts.restore_intact(setup)
     data_state = meta.get("data_state")
     start = int(meta["step"])
     log.info("resumed from step %d", start)
@@ -303,6 +314,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
         boundary = step % c.log_every == 0 or step == end
         if boundary:
           flush_metrics()
+          lease.check()
         if c.eval_every and (step % c.eval_every == 0 or step == end):
           val_loss = validate(state)
           if val_loss is not None:
