@@ -2,12 +2,13 @@
 
   .venv/bin/python benchmarks/sampling.py                        # CPU scale
   .venv/bin/python benchmarks/sampling.py --scale real --batch 8 # SD 1.5 + ViT-g, GPU/TPU
+  .venv/bin/python benchmarks/sampling.py --batches 8,32         # images/s at larger batches
 
 A composite = encode the object (DINOv2 + adapter), VAE-encode the masked and the full
 background, 50 DDIM steps with classifier-free guidance (the UNet runs on the doubled batch,
 9 input channels: noisy latent, masked-background latent, mask), latent blending of the
 background after every step, VAE decode. Measured at batch 1 (seconds per composite) and at
-`--batch` (images/s).
+`--batch` (images/s), or at each of `--batches`.
 
 Ours: `imprint_jax.generate.composite_latents` + `decode_latent`, jitted as one function (the
 sampler is one `fori_loop`), per-image keys as the Compositor uses them. PyTorch: diffusers
@@ -167,11 +168,20 @@ def main(argv=None) -> list[dict]:
   common.add_common_flags(p)
   p.set_defaults(warmup=1, repeats=3)
   p.add_argument("--batch", type=int, default=8, help="batch of the images/s measurement")
+  p.add_argument("--batches", default=None, help="comma-separated batch sizes to measure"
+                 " instead of 1 and --batch, e.g. 8,32")
   p.add_argument("--steps", type=int, default=50, help="DDIM steps")
   p.add_argument("--torch-device", default=None, help="default: cuda if available, else cpu")
   p.add_argument("--profile", action="store_true",
                  help="also split one batch composite's time by network on both sides")
   args = p.parse_args(argv)
+  try:
+    batches = (sorted({int(b) for b in args.batches.split(",")}) if args.batches
+               else sorted({1, args.batch}))
+  except ValueError:
+    p.error(f"--batches {args.batches!r}: expected comma-separated integers, e.g. 8,32")
+  if batches[0] < 1:
+    p.error("--batches: sizes must be >= 1")
   env = common.setup(args)
   jax_device, torch_device, dtype = env.jax_device, env.torch_device, env.dtype
 
@@ -182,7 +192,7 @@ def main(argv=None) -> list[dict]:
   print(f"scale {sc.name}: E={sc.encoder_size}, G={sc.generator_size}, {args.steps} DDIM steps,"
         f" guidance {GUIDANCE} (UNet batch doubled), dtype {dtype}; {args.warmup} warm-up +"
         f" {args.repeats} timed composites per framework, alternating\n")
-  c = common.run_config(sc, 2, batch=args.batch, dtype=dtype, remat="none")
+  c = common.run_config(sc, 2, batch=batches[-1], dtype=dtype, remat="none")
   model_cfg = setup_lib.model_config(c)
   with tempfile.TemporaryDirectory() as tmp:
     t = time.perf_counter()
@@ -190,7 +200,7 @@ def main(argv=None) -> list[dict]:
     print(f"built both models (same weights) in {time.perf_counter() - t:.0f} s", flush=True)
   results = []
   with layers.gpu_attention(args.gpu_attention):
-    for batch in sorted({1, args.batch}):
+    for batch in batches:
       inputs = inputs_for(batch, sc, args.seed)
       ours = JaxSampler(model, inputs, args.steps, jax_device)
       theirs = TorchSampler(nets, model_cfg, inputs, args.steps, torch_device, dtype)
@@ -203,7 +213,7 @@ def main(argv=None) -> list[dict]:
       f = flops.composite(model_cfg, batch, sc.encoder_size, sc.generator_size, args.steps)
       results.append({"batch": batch, "times": times, "mem": mem, "flops": f})
       del ours
-      if args.profile and batch == args.batch:
+      if args.profile and batch == batches[-1]:
         results[-1]["profile"] = profile(model, theirs, inputs, args.steps, jax_device,
                                          torch_device)
   print(report(results, common.peak_tflops(jax_device.device_kind)))

@@ -53,6 +53,16 @@ of the crop side, at least 3), the output keeps the background's pixels exactly.
 the crop context come from the checkpoint's training config (default 224, 512, 2.0).
 Outputs are written atomically (temporary name, then rename).
 
+Memory: --param-dtype bfloat16 casts the parameters once at load (half of float32's memory);
+--shard-params splits them over the local devices when they do not fit one (auto), always or
+never (a full copy on each device). The batch is split over the local devices either way.
+
+Several hosts (batch mode): start the same command on every host with --distributed (TPU VMs)
+or --coordinator HOST:PORT --num-processes N --process-id I. Manifest line k goes to host
+k mod N, which runs it on its own devices; each host appends to DIR/status.process-I.jsonl and
+host 0 merges them into DIR/status.jsonl (in manifest order) once every host is done. --out
+must be a folder that every host sees (a shared file system). Resuming works as on one host.
+
 Exit status: 0 success; 2 bad input (one line on stderr, nothing written); batch mode: 1 if
 any job failed (see DIR/status.jsonl; the other jobs are still done)."""
 
@@ -103,10 +113,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="seam width in background pixels (default 2%% of the crop side, >= 3)")
   gen.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="compute dtype (auto: bfloat16 on GPU/TPU, float32 on CPU)")
+  add_memory_arguments(gen)
+  multi = parser.add_argument_group("several hosts (batch mode)")
+  multi.add_argument("--distributed", action="store_true",
+                     help="call jax.distributed.initialize() (automatic on TPU VMs; elsewhere"
+                     " give --coordinator, --num-processes, --process-id)")
+  multi.add_argument("--coordinator", help="host:port of process 0")
+  multi.add_argument("--num-processes", type=int)
+  multi.add_argument("--process-id", type=int)
   gen.add_argument("--encoder-size", type=int, help="override E (object crop side)")
   gen.add_argument("--generator-size", type=int, help="override G (generation crop side)")
   gen.add_argument("--context", type=float, help="override the crop context (crop side /"
                    " region box side)")
+
+
+def add_memory_arguments(parser) -> None:
+  """--param-dtype and --shard-params (also used by `imprint-jax evaluate`)."""
+  parser.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=None,
+                      help="cast the parameters to this dtype once at load (default: as"
+                      " stored, float32); bfloat16 halves their memory")
+  parser.add_argument("--shard-params", choices=("auto", "always", "never"), default="auto",
+                      help="split the parameters over the local devices (fsdp-style) instead"
+                      " of a full copy on each: auto = when they take more than half of one"
+                      " device's memory (never on CPU); default %(default)s")
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+  """jax.distributed.initialize() for --distributed / --coordinator (as `train` does)."""
+  if not (args.distributed or args.coordinator):
+    if args.num_processes is not None or args.process_id is not None:
+      raise UserError("--num-processes/--process-id need --coordinator HOST:PORT")
+    return
+  import jax
+  kw = {}
+  if args.coordinator:
+    if args.num_processes is None or args.process_id is None:
+      raise UserError("--coordinator needs --num-processes and --process-id")
+    kw = dict(coordinator_address=args.coordinator, num_processes=args.num_processes,
+              process_id=args.process_id)
+    # Only used by the CPU backend (local multi-process runs and tests); harmless elsewhere.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kw)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,7 +175,11 @@ def main(args: argparse.Namespace) -> int:
     if used:
       raise UserError(f"--{used[0].replace('_', '-')} is a single-mode option; with"
                       " --manifest give it per job in the manifest lines")
+    init_distributed(args)
     return run_batch(args)
+  if args.distributed or args.coordinator:
+    raise UserError("--distributed/--coordinator split a --manifest over hosts; single mode"
+                    " runs on one host")
   return run_single(args)
 
 
@@ -155,7 +206,8 @@ def _settings(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
 def _load(ckpt: Path, settings: dict[str, Any], args: argparse.Namespace):
   from imprint_jax import compositing
   return compositing.Compositor.from_checkpoint(
-      ckpt, dtype=None if args.dtype == "auto" else args.dtype, **settings)
+      ckpt, dtype=None if args.dtype == "auto" else args.dtype, param_dtype=args.param_dtype,
+      shard_params=args.shard_params, **settings)
 
 
 def _sample_paths(out: Path, n: int) -> list[Path]:
@@ -314,13 +366,15 @@ def run_batch(args: argparse.Namespace) -> int:
     raise UserError(f"--manifest {args.manifest}: no jobs in it")
   ckpt, settings = _settings(args)
   out_dir.mkdir(parents=True, exist_ok=True)
+  nproc, pid = jax.process_count(), jax.process_index()
+  jobs = host_share(jobs, pid, nproc)
   todo = [j for j in jobs if not (out_dir / f"{j.id}.png").exists()]
   skipped = len(jobs) - len(todo)
   ndev = len(jax.local_devices())
   batch = -(-max(1, min(args.batch_size, len(todo) or 1)) // ndev) * ndev
   progress = tqdm(total=len(todo), unit="job", desc="composite", file=sys.stderr,
                   disable=not todo)
-  status = _Status(out_dir / STATUS_FILE, progress)
+  status = _Status(out_dir / (STATUS_FILE if nproc == 1 else host_status_file(pid)), progress)
 
   def fail(job: _Job, error: str) -> None:
     status.write({"id": job.id, "line": job.line, "status": "error", "error": error})
@@ -378,6 +432,62 @@ def run_batch(args: argparse.Namespace) -> int:
     for w in writes:
       w.result()
   progress.close()
-  print(f"composite: {status.ok} done, {skipped} skipped (already done), {status.failed}"
-        f" failed; status in {status.path}")
-  return 1 if status.failed else 0
+  ok, failed = status.ok, status.failed
+  if nproc > 1:
+    ok, skipped, failed = _gather_counts([ok, skipped, failed])  # also a barrier
+    if pid == 0:
+      merge_status(out_dir)
+  print(f"composite: {ok} done, {skipped} skipped (already done), {failed} failed; status in"
+        f" {out_dir / STATUS_FILE}" + (f" (process {pid} of {nproc})" if nproc > 1 else ""))
+  return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Several hosts: each runs a share of the manifest and writes its own status file.
+
+
+def host_share(jobs: list[_Job], pid: int, nproc: int) -> list[_Job]:
+  """The jobs of host `pid` of `nproc`: every nproc-th one. Chosen by position in the
+  manifest, not among the jobs still to do, so every host agrees on the split whatever the
+  other hosts have already written (and a resumed run gives each job to the same host)."""
+  return jobs[pid::nproc]
+
+
+def host_status_file(pid: int) -> str:
+  return f"status.process-{pid}.jsonl"
+
+
+def _gather_counts(counts: list[int]) -> list[int]:
+  """Sums of `counts` over all processes; returns once every process has called it."""
+  import numpy as np
+  from jax.experimental import multihost_utils
+  every = multihost_utils.process_allgather(np.asarray(counts, np.int64))
+  return [int(v) for v in np.asarray(every).reshape(-1, len(counts)).sum(axis=0)]
+
+
+def merge_status(out_dir: Path) -> Path:
+  """Appends the records of every DIR/status.process-*.jsonl to DIR/status.jsonl, in manifest
+  line order (stable: a job's records keep their order), then removes those files. The new
+  status.jsonl is written under a temporary name and renamed; per-host files left by a run
+  that stopped early are merged by the next run that finishes."""
+  parts = sorted(out_dir.glob("status.process-*.jsonl"))
+  if not parts:
+    return out_dir / STATUS_FILE
+  records = []
+  for part in parts:
+    for text in part.read_text().splitlines():
+      try:
+        records.append(json.loads(text))
+      except ValueError:  # empty, or a line cut short by a host that was stopped
+        continue
+  records.sort(key=lambda r: r.get("line", 0))
+  path = out_dir / STATUS_FILE
+  old = path.read_text() if path.exists() else ""
+  if old and not old.endswith("\n"):
+    old += "\n"
+  tmp = out_dir / f".{STATUS_FILE}.tmp-{os.getpid()}"
+  tmp.write_text(old + "".join(json.dumps(r) + "\n" for r in records))
+  os.replace(tmp, path)
+  for part in parts:
+    part.unlink()
+  return path

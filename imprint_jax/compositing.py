@@ -29,9 +29,13 @@ jitted call; the host pastes each crop back into its background at full resoluti
      than `feather` px from the region (or outside the window) keeps the background's pixel
      exactly. Default feather: max(3, round(0.02 x the window side)) background pixels.
 
-Compute dtype: bfloat16 on GPU/TPU, float32 on CPU (parameters stay float32). The jitted
-function is cached per (model architecture, devices, steps, sampler, guidance on/off) and
-jax.jit caches per batch shape: repeated calls with the same shapes do not retrace.
+Compute dtype: bfloat16 on GPU/TPU, float32 on CPU. Parameters: float32 as stored, or cast
+once at load to `param_dtype='bfloat16'` (half the memory); a full copy on every device, or
+split over the devices (`shard_params`, fsdp-style, for a model that does not fit one device:
+each large weight split along one logical axis and gathered where it is used, the batch still
+split over all devices). The jitted function is cached per (model architecture, devices,
+placement, steps, sampler, guidance on/off) and jax.jit caches per batch shape: repeated calls
+with the same shapes do not retrace.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ from imprint_jax.data.pipeline import normalize_object, normalize_target
 from imprint_jax.errors import UserError
 from imprint_jax.models.imprint import Imprint, ImprintConfig, vae_factor
 from imprint_jax.models import layers
+from imprint_jax.train import sharding
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 Box = tuple[int, int, int, int]
@@ -437,13 +442,18 @@ def _graphdef_for(cfg: ImprintConfig):
 
 
 def _runner(graphdef, mesh: Mesh, num_steps: int, sampler: str, prediction_type: str,
-            use_cfg: bool, given_latents: bool = False):
-  """The jitted batch function (one per static setting; jax.jit caches per shape)."""
-  key = (graphdef, mesh, num_steps, sampler, prediction_type, use_cfg, given_latents)
+            use_cfg: bool, given_latents: bool = False, state_shardings: Any = None):
+  """The jitted batch function (one per static setting; jax.jit caches per shape).
+
+  `state_shardings`: the parameters' placement (a pure dict of NamedShardings, a function of
+  graphdef and mesh: see `param_shardings`); None: replicated."""
+  key = (graphdef, mesh, num_steps, sampler, prediction_type, use_cfg, given_latents,
+         state_shardings is not None)
   if key in _RUNNERS:
     return _RUNNERS[key]
-  rows = NamedSharding(mesh, P("batch"))
+  rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
   repl = NamedSharding(mesh, P())
+  state_in = repl if state_shardings is None else state_shardings
 
   def run(state, object_BEE3, target_BGG3, mask_BGG1, seeds_B, sample_B, guidance, latents):
     TRACE_COUNT["n"] += 1
@@ -460,7 +470,7 @@ def _runner(graphdef, mesh: Mesh, num_steps: int, sampler: str, prediction_type:
 
   target = mesh.devices.flat[0].platform
   cpu_runtime.on_platform(target)
-  fn = jax.jit(run, in_shardings=(repl, rows, rows, rows, rows, rows, repl,
+  fn = jax.jit(run, in_shardings=(state_in, rows, rows, rows, rows, rows, repl,
                                   rows if given_latents else repl),
                out_shardings=rows, compiler_options=layers.compiler_options(target))
   _RUNNERS[key] = fn
@@ -487,14 +497,20 @@ class Compositor:
   def __init__(self, model: Imprint, *, encoder_size: int = DEFAULT_ENCODER_SIZE,
                generator_size: int = DEFAULT_GENERATOR_SIZE, context: float = DEFAULT_CONTEXT,
                prediction_type: str = "epsilon", dtype: str | None = None,
-               devices: Sequence[jax.Device] | None = None):
+               devices: Sequence[jax.Device] | None = None, param_dtype: str | None = None,
+               shard_params: str = "auto"):
     """Args:
       model: a stage-2 `Imprint` (9-channel UNet).
       encoder_size, generator_size: E and G of training (`from_checkpoint` reads them).
       context: target window side / box side (training's `prepare --context`).
       prediction_type: the UNet's output, 'epsilon' or 'v_prediction'.
       dtype: compute dtype; None: bfloat16 on GPU/TPU, float32 on CPU.
-      devices: devices of the 1-D batch mesh (default: all local devices).
+      devices: the devices the batch is split over (default: all local devices).
+      param_dtype: 'float32' or 'bfloat16': the parameters are cast to it once, here (None:
+        as given; checkpoints hold float32). bfloat16 halves their memory.
+      shard_params: 'never' (a full copy on every device), 'always' (each large weight split
+        over the devices, fsdp-style: `param_shardings`), or 'auto' (split when the
+        parameters take more than half of one device's memory; never on CPU).
     """
     if not isinstance(model, Imprint):
       raise UserError(f"expected an imprint_jax Imprint model, got {type(model).__name__}")
@@ -522,20 +538,36 @@ class Compositor:
     if cfg != model.cfg:
       graphdef = _graphdef_for(cfg)
     self.graphdef = graphdef
-    self.mesh = Mesh(np.array(list(devices or jax.local_devices())), ("batch",))
+    devices = list(devices or jax.local_devices())
+    self.param_dtype = check_param_dtype(param_dtype)
+    self.sharded = shard_decision(shard_params, state_bytes(state, self.param_dtype), devices)
+    self.mesh = inference_mesh(devices, self.sharded)
     # plain dicts: JAX flattens them in C++ on every call (nnx.Variables: one Python call each)
-    self.state = jax.device_put(nnx.to_pure_dict(state), NamedSharding(self.mesh, P()))
+    self.state_shardings = param_shardings(cfg, self.mesh) if self.sharded else None
+    self.state = place_params(nnx.to_pure_dict(state), self.mesh, self.state_shardings,
+                              self.param_dtype)
 
   @classmethod
   def from_checkpoint(cls, path: str | os.PathLike, *, dtype: str | None = None,
                       devices: Sequence[jax.Device] | None = None,
+                      param_dtype: str | None = None, shard_params: str = "auto",
                       **sizes: Any) -> "Compositor":
     """Loads a stage-2 checkpoint (or training workdir); E, G, context and prediction type
-    come from its metadata when recorded there, else the defaults (or `sizes` overrides)."""
-    model, meta = ckpt_lib.load_model(path, dtype=dtype or auto_dtype(), expect_stage=2)
+    come from its metadata when recorded there, else the defaults (or `sizes` overrides).
+    The parameters are restored straight into their final dtype and placement (no float32
+    copy on one device first); `param_dtype`, `shard_params`: see `__init__`."""
+    model, meta = load_placed(path, dtype=dtype or auto_dtype(), devices=devices,
+                              param_dtype=param_dtype, shard_params=shard_params)
     kw = settings_from_meta(meta)
     kw.update({k: v for k, v in sizes.items() if v is not None})
-    return cls(model, dtype=dtype, devices=devices, **kw)
+    return cls(model, dtype=dtype, devices=devices, param_dtype=param_dtype,
+               shard_params=shard_params, **kw)
+
+  @property
+  def param_bytes(self) -> int:
+    """Bytes of parameters that one device holds."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
+               for x in jax.tree.leaves(self.state))
 
   @property
   def num_devices(self) -> int:
@@ -565,17 +597,22 @@ class Compositor:
       raise ValueError(f"{len(rows)} rows for a batch of {batch} on {self.num_devices} devices")
     padded = list(rows) + [rows[-1]] * (batch - len(rows))
     fn = _runner(self.graphdef, self.mesh, int(steps), sampler, self.prediction_type,
-                 guidance != 1, latents is not None)
+                 guidance != 1, latents is not None, self.state_shardings)
     if latents is not None:
       latents = np.concatenate([latents, np.repeat(latents[-1:], batch - len(rows), 0)])
+    # Placed here, not by jit: with several processes jit takes no numpy array to split.
+    rows_on = NamedSharding(self.mesh, P(sharding.BATCH_AXES))
+    repl = NamedSharding(self.mesh, P())
+    put = lambda a: jax.device_put(a, rows_on)  # noqa: E731
     out = fn(self.state,
-             np.stack([p.object_in for p, _ in padded]),
-             np.stack([p.target_in for p, _ in padded]),
-             np.stack([p.mask_in for p, _ in padded]),
-             np.array([p.seed for p, _ in padded], np.uint32),
-             np.array([k for _, k in padded], np.uint32),
-             np.float32(guidance),
-             np.zeros((), np.float32) if latents is None else latents)
+             put(np.stack([p.object_in for p, _ in padded])),
+             put(np.stack([p.target_in for p, _ in padded])),
+             put(np.stack([p.mask_in for p, _ in padded])),
+             put(np.array([p.seed for p, _ in padded], np.uint32)),
+             put(np.array([k for _, k in padded], np.uint32)),
+             jax.device_put(np.float32(guidance), repl),
+             jax.device_put(np.zeros((), np.float32), repl) if latents is None
+             else put(latents))
     return Pending(out, len(rows))
 
   def run(self, jobs: Sequence[Prepared], *, steps: int = 50, guidance: float = 5.0,
@@ -619,6 +656,185 @@ class Compositor:
     return results
 
 
+# ---------------------------------------------------------------------------------------------
+# Parameters at scale: their dtype and placement.
+
+PARAM_DTYPES = ("float32", "bfloat16")
+SHARD_MODES = ("auto", "always", "never")
+# shard_params='auto' splits the parameters when they would take more than this share of one
+# device's memory (the rest is left for the activations of the sampler, guidance doubling them).
+AUTO_SHARD_FRACTION = 0.5
+
+
+def check_param_dtype(param_dtype: str | None) -> str | None:
+  if param_dtype is not None and param_dtype not in PARAM_DTYPES:
+    raise UserError(f"param dtype {param_dtype!r}: expected one of {', '.join(PARAM_DTYPES)}")
+  return param_dtype
+
+
+def _cast_dtype(x: Any, param_dtype: str | None):
+  """The dtype a parameter is stored in: `param_dtype` for floating ones, else its own."""
+  if param_dtype is not None and jnp.issubdtype(x.dtype, jnp.floating):
+    return jnp.dtype(param_dtype)
+  return jnp.dtype(x.dtype)
+
+
+def state_bytes(state: Any, param_dtype: str | None = None) -> int:
+  """Bytes of a (possibly abstract) parameter tree once cast to `param_dtype`."""
+  return sum(math.prod(x.shape) * _cast_dtype(x, param_dtype).itemsize
+             for x in jax.tree.leaves(state))
+
+
+def device_memory(device: jax.Device) -> int | None:
+  """Bytes of memory a device offers to JAX (None where unknown, e.g. on CPU)."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # backends without memory statistics
+    return None
+  return (stats or {}).get("bytes_limit")
+
+
+def shard_decision(mode: str, nbytes: int, devices: Sequence[jax.Device]) -> bool:
+  """Whether parameters of `nbytes` are split over `devices` under `shard_params=mode`."""
+  if mode not in SHARD_MODES:
+    raise UserError(f"shard params {mode!r}: expected one of {', '.join(SHARD_MODES)}")
+  if mode == "never" or len(devices) < 2:
+    return False
+  if mode == "always":
+    return True
+  limit = device_memory(devices[0])
+  return limit is not None and nbytes > AUTO_SHARD_FRACTION * limit
+
+
+def inference_mesh(devices: Sequence[jax.Device], sharded: bool) -> Mesh:
+  """The mesh (data, fsdp, tensor) of `devices`: all on 'data' when every device holds all
+  parameters, all on 'fsdp' when they are split. Batch rows are split over data x fsdp, i.e.
+  over every device, either way."""
+  grid = np.array(list(devices), dtype=object)
+  shape = (1, grid.size, 1) if sharded else (grid.size, 1, 1)
+  return Mesh(grid.reshape(shape), sharding.MESH_AXES)
+
+
+def inference_rules() -> tuple[tuple[str, str | None], ...]:
+  """The training configs' logical-axis rules with every split put on 'fsdp', the one mesh
+  axis of sharded inference: each weight is split along its first logical axis that training
+  splits at all (embed, heads, mlp, conv_in or conv_out) and that the device count divides,
+  and gathered where it is used; norms, biases and the cross-attention inputs stay whole."""
+  from imprint_jax.configs.common import LOGICAL_AXIS_RULES
+  return tuple((name, "fsdp" if axes else None) for name, axes in LOGICAL_AXIS_RULES)
+
+
+_SHARDINGS: dict[tuple, Any] = {}
+
+
+def _abstract_params(cfg: ImprintConfig) -> nnx.State:
+  return nnx.state(nnx.eval_shape(lambda: Imprint(cfg, rngs=layers.init_rngs(0))), nnx.Param)
+
+
+def param_shardings(cfg: ImprintConfig, mesh: Mesh) -> Any:
+  """NamedShardings (a pure dict, like `Compositor.state`) of the split parameters."""
+  key = (cfg, mesh)
+  if key not in _SHARDINGS:
+    tree = sharding.tree_shardings(_abstract_params(cfg), mesh, inference_rules())
+    _SHARDINGS[key] = nnx.to_pure_dict(tree)
+  return _SHARDINGS[key]
+
+
+def place_params(params: Any, mesh: Mesh, shardings: Any | None,
+                 param_dtype: str | None) -> Any:
+  """A pure dict of parameters cast to `param_dtype` (one array at a time, where it lies) and
+  placed by `shardings` (None: a full copy on every device of `mesh`)."""
+  repl = NamedSharding(mesh, P())
+  if shardings is None:
+    shardings = jax.tree.map(lambda _: repl, params)
+
+  def one(x, s):
+    dtype = _cast_dtype(x, param_dtype)
+    if x.dtype != dtype:
+      x = x.astype(dtype)
+    return jax.device_put(x, s)
+
+  return jax.tree.map(one, params, shardings)
+
+
+def load_placed(path: str | os.PathLike, *, dtype: str, devices: Sequence[jax.Device] | None,
+                param_dtype: str | None, shard_params: str) -> tuple[Imprint, dict[str, Any]]:
+  """A stage-2 checkpoint's model with its parameters restored as `param_dtype` directly
+  into the placement `Compositor` gives them (so a model that does not fit one device never
+  lands on one), and its metadata."""
+  ckpt = ckpt_lib.resolve(path)
+  meta = ckpt_lib.read_meta(ckpt)
+  cfg = ImprintConfig.from_dict(meta["model"])
+  if cfg.stage != 2:
+    raise UserError(f"{ckpt}: a stage-{cfg.stage} checkpoint (UNet with"
+                    f" {cfg.unet.in_channels} input channels); this needs stage 2")
+  cfg = cfg.with_dtype(dtype, remat="none")
+  param_dtype = check_param_dtype(param_dtype)
+  devices = list(devices or jax.local_devices())
+  abstract = nnx.eval_shape(lambda: Imprint(cfg, rngs=layers.init_rngs(0)))
+  params = nnx.state(abstract, nnx.Param)
+  sharded = shard_decision(shard_params, state_bytes(params, param_dtype), devices)
+  mesh = inference_mesh(devices, sharded)
+  rules = inference_rules() if sharded else [(name, None) for name, _ in inference_rules()]
+  shardings = sharding.tree_shardings(params, mesh, rules)
+  # The restore target's dtype is what orbax reads the stored float32 arrays as.
+  nnx.update(abstract, jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, _cast_dtype(x, param_dtype)), params))
+  state = ckpt_lib.restore_model_state(ckpt, abstract, shardings)
+  graphdef, _ = nnx.split(abstract, nnx.Param)
+  return nnx.merge(graphdef, state), meta
+
+
+def sampler_memory(cfg: ImprintConfig, batch: int, *, param_dtype: str | None = None,
+                   dtype: str = "bfloat16", shard_params: str = "never",
+                   devices: Sequence[jax.Device] | None = None,
+                   encoder_size: int = DEFAULT_ENCODER_SIZE,
+                   generator_size: int = DEFAULT_GENERATOR_SIZE, steps: int = 50,
+                   guidance: float = 5.0, sampler: str = "ddim") -> dict[str, Any]:
+  """Per-device memory of the Compositor's compiled batch function (sampler + VAE decode) for
+  `batch` rows of `cfg`, compiled from abstract inputs: nothing is allocated, so the real
+  model can be planned on any host (like `imprint-jax plan` for training).
+
+  Returns bytes per device: 'params' (the parameters, exact from their shardings),
+  'arguments' (params + the batch's inputs), 'outputs', 'temporaries' (XLA's buffers for the
+  activations) and 'peak' = arguments + outputs + temporaries - aliased; plus 'devices',
+  'rows' (the batch rounded up to the devices) and 'sharded'. The figures are those of the
+  compiler for `devices` (on CPU: the CPU compiler's schedule and the model's CPU forms).
+  """
+  cfg = cfg.with_dtype(dtype, remat="none")
+  devices = list(devices or jax.local_devices())
+  param_dtype = check_param_dtype(param_dtype)
+  params = nnx.to_pure_dict(_abstract_params(cfg))
+  sharded = shard_decision(shard_params, state_bytes(params, param_dtype), devices)
+  mesh = inference_mesh(devices, sharded)
+  shardings = param_shardings(cfg, mesh) if sharded else None
+  place = shardings or jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(
+      x.shape, _cast_dtype(x, param_dtype), sharding=s), params, place)
+  n = len(devices)
+  b = -(-max(1, batch) // n) * n
+  rows = NamedSharding(mesh, P(sharding.BATCH_AXES))
+  E, G = encoder_size, generator_size
+
+  def arg(shape, dt=jnp.float32):
+    return jax.ShapeDtypeStruct(shape, dt, sharding=rows)
+
+  fn = _runner(_graphdef_for(cfg), mesh, steps, sampler, "epsilon", guidance != 1,
+               state_shardings=shardings)
+  scalar = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, P()))
+  compiled = fn.lower(abstract, arg((b, E, E, 3)), arg((b, G, G, 3)), arg((b, G, G, 1)),
+                      arg((b,), jnp.uint32), arg((b,), jnp.uint32), scalar, scalar).compile()
+  m = compiled.memory_analysis()
+  param_bytes = sum(math.prod(s.shard_shape(x.shape)) * x.dtype.itemsize
+                    for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(place)))
+  out = {"devices": n, "rows": b, "sharded": sharded, "params": param_bytes,
+         "arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
+         "temporaries": m.temp_size_in_bytes}
+  out["peak"] = (out["arguments"] + out["outputs"] + out["temporaries"]
+                 - m.alias_size_in_bytes)
+  return out
+
+
 def check_sampling(steps: int, guidance: float, sampler: str) -> None:
   """UserError for bad sampling settings (before any model work)."""
   if sampler not in sampling.SAMPLERS:
@@ -651,7 +867,8 @@ def composite(model: Imprint | Compositor | str | os.PathLike, object_image: Ima
               feather: float | None = None, encoder_size: int | None = None,
               generator_size: int | None = None, context: float | None = None,
               prediction_type: str | None = None, batch_size: int | None = None,
-              latents: np.ndarray | None = None) -> list[np.ndarray]:
+              latents: np.ndarray | None = None, param_dtype: str | None = None,
+              shard_params: str | None = None) -> list[np.ndarray]:
   """Composites an object into a background with a stage-2 IMPRINT model.
 
   Args:
@@ -673,6 +890,9 @@ def composite(model: Imprint | Compositor | str | os.PathLike, object_image: Ima
     batch_size: rows per device call (default min(num_samples, 8), rounded up to the devices).
     latents: optional initial noise, NHWC (num_samples, G/8, G/8, 4) float32, instead of the
       seed's (the PyTorch pipeline's NCHW `latents=`, transposed, give the same composite).
+    param_dtype, shard_params: the parameters' dtype ('float32', 'bfloat16'; default as
+      stored) and placement ('auto' (default), 'always', 'never'), see `Compositor`; for a
+      model or a checkpoint path (a Compositor has them already).
 
   Returns:
     `num_samples` uint8 arrays (H, W, 3) at the background's full resolution.
@@ -680,15 +900,17 @@ def composite(model: Imprint | Compositor | str | os.PathLike, object_image: Ima
   check_sampling(steps, guidance, sampler)
   overrides = {"encoder_size": encoder_size, "generator_size": generator_size,
                "context": context, "prediction_type": prediction_type}
+  placement = {"param_dtype": param_dtype, "shard_params": shard_params or "auto"}
   if isinstance(model, Compositor):
     comp = model
-    if any(v is not None for v in overrides.values()):
-      raise UserError("give encoder_size/generator_size/context/prediction_type to the"
-                      " Compositor, not to composite()")
+    if any(v is not None for v in (*overrides.values(), param_dtype, shard_params)):
+      raise UserError("give encoder_size/generator_size/context/prediction_type/param_dtype/"
+                      "shard_params to the Compositor, not to composite()")
   elif isinstance(model, Imprint):
-    comp = Compositor(model, **{k: v for k, v in overrides.items() if v is not None})
+    comp = Compositor(model, **placement,
+                      **{k: v for k, v in overrides.items() if v is not None})
   elif isinstance(model, (str, os.PathLike)):
-    comp = Compositor.from_checkpoint(model, **overrides)
+    comp = Compositor.from_checkpoint(model, **placement, **overrides)
   else:
     raise UserError(f"model: expected an Imprint, a Compositor or a checkpoint path, got"
                     f" {type(model).__name__}")

@@ -247,16 +247,20 @@ def copy_paste(pair: Pair, erase: bool) -> np.ndarray:
 
 def model_generator(ckpt: str | os.PathLike, *, steps: int = 50, guidance: float = 5.0,
                     batch_size: int = 8, seed: int = 0, dtype: str | None = None,
-                    devices: Sequence[Any] | None = None) -> GenerateFn:
+                    devices: Sequence[Any] | None = None, param_dtype: str | None = None,
+                    shard_params: str = "auto") -> GenerateFn:
   """Compositing with a stage-2 checkpoint (`compositing.Compositor`): pair -> (G, G, 3).
 
   The region is passed as a level-1 mask (it is already at the chosen level); the noise of
   pair p is seeded by (seed, pair_id), so results do not depend on batching or --limit.
-  `devices`: the batch mesh (default: all local devices).
+  `devices`: the batch mesh (default: all local devices); `param_dtype`, `shard_params`:
+  the parameters' dtype and placement (`compositing.Compositor`).
   """
   from imprint_jax import compositing
   compositing.check_sampling(steps, guidance, "ddim")
-  comp = compositing.Compositor.from_checkpoint(ckpt, dtype=dtype, devices=devices)
+  comp = compositing.Compositor.from_checkpoint(ckpt, dtype=dtype, devices=devices,
+                                                param_dtype=param_dtype,
+                                                shard_params=shard_params)
 
   def generate(pairs: Sequence[Pair]) -> list[np.ndarray]:
     jobs = [comp.prepare(p.object, p.background, object_mask=p.object_mask[..., 0] > 0,
@@ -572,6 +576,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       " perturbation and the model's noise, per pair id")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="model compute dtype"
                       " (default: bfloat16 on GPU/TPU, float32 on CPU)")
+  from imprint_jax import composite_cli
+  composite_cli.add_memory_arguments(parser)  # --param-dtype, --shard-params
   parser.add_argument("--save-images", action=argparse.BooleanOptionalAction, default=True,
                       help="write every composite to <out>/images/<method>/")
   parser.add_argument("--write-inputs", action="store_true", help="write each pair's inputs"
@@ -608,7 +614,8 @@ def main(args: argparse.Namespace) -> int:
                       " --name")
     methods = {"imprint": model_generator(args.ckpt, steps=args.steps, guidance=args.guidance,
                                           batch_size=args.batch_size, seed=args.seed,
-                                          dtype=args.dtype), **methods}
+                                          dtype=args.dtype, param_dtype=args.param_dtype,
+                                          shard_params=args.shard_params), **methods}
   if args.baseline:
     from imprint_jax import baselines
     if args.baseline in methods:

@@ -143,7 +143,7 @@ def test_torch_peak_bytes_counts_state_gradients_and_activations():
 def test_sampling_main_smoke(capsys):
   from benchmarks import sampling
   results = sampling.main(["--scale", "tiny", "--repeats", "1", "--warmup", "0", "--steps",
-                           "2", "--batch", "1"])
+                           "2", "--batches", "1"])
   (r,) = results
   assert r["batch"] == 1 and set(r["times"]) == {"jax", "torch"}
   assert all(len(v) == 1 and v[0] > 0 for v in r["times"].values())

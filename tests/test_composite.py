@@ -15,6 +15,7 @@ import zlib
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -461,3 +462,147 @@ def test_bfloat16_compute(model, files):
   far = _far_from(job.region, job.feather)
   np.testing.assert_array_equal(out[far], bg[far])
   assert (out[job.region] != bg[job.region]).any(axis=-1).mean() > 0.9
+
+
+# ---------------------------------------------------------------------------------------------
+# At scale: parameter dtype and placement, several hosts.
+
+
+def _split_compositor(ckpts):
+  return compositing.Compositor.from_checkpoint(ckpts["stage2"], shard_params="always",
+                                                encoder_size=E, generator_size=G)
+
+
+def test_sharded_params_are_split_over_the_devices(ckpts, comp):
+  """--shard-params always: each large weight split over the 8 devices (fsdp-style) as it is
+  restored, the same values as the replicated model's."""
+  split = _split_compositor(ckpts)
+  assert not comp.sharded and split.sharded and split.mesh.shape["fsdp"] == 8
+  leaves = jax.tree.leaves(split.state)
+  assert sum(not x.sharding.is_fully_replicated for x in leaves) > len(leaves) // 2
+  assert split.param_bytes < 0.25 * comp.param_bytes
+  for a, b in zip(jax.tree.leaves(comp.state), leaves):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.slow  # compiling the split model's sampler for 8 devices: 60-90 s on this CPU
+def test_sharded_params_give_the_replicated_composite(ckpts, files, first, tmp_path):
+  """The batch still split over the 8 devices, weights gathered where used: the composite is
+  the replicated model's."""
+  split = _split_compositor(ckpts)
+  kw = dict(mask=files["mask"], steps=STEPS, guidance=5.0, seed=3, num_samples=2)
+  out = compositing.composite(split, files["obj"], files["bg"], **kw)
+  for a, b in zip(out, first["out1"]):
+    np.testing.assert_array_equal(a, b)
+  # The same through the CLI flag (the compiled sampler of `split` is reused).
+  traces = compositing.TRACE_COUNT["n"]
+  path = tmp_path / "r.png"
+  assert composite_cli.main(_args("--ckpt", ckpts["stage2"], "--object", files["obj"],
+                                  "--background", files["bg"], "--mask", files["mask"],
+                                  "--out", path, "--steps", STEPS, "--seed", 3,
+                                  "--shard-params", "always")) == 0
+  assert compositing.TRACE_COUNT["n"] == traces
+  np.testing.assert_array_equal(np.asarray(Image.open(path)), first["out1"][0])
+
+
+def test_bfloat16_params_are_cast_once_at_load(ckpts, model, files):
+  comp = compositing.Compositor.from_checkpoint(ckpts["stage2"], param_dtype="bfloat16",
+                                                encoder_size=E, generator_size=G)
+  ref = nnx.to_pure_dict(nnx.state(model))
+  got = comp.state
+  assert {x.dtype for x in jax.tree.leaves(got)} == {jnp.dtype("bfloat16")}
+  f32 = sum(x.size * 4 for x in jax.tree.leaves(ref))
+  assert comp.param_bytes == f32 // 2  # replicated: one device holds all of them
+  for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a).astype(jnp.bfloat16), np.asarray(b))
+  # From an in-memory model too; a Compositor already has its dtype.
+  assert {x.dtype for x in jax.tree.leaves(compositing.Compositor(
+      model, encoder_size=E, generator_size=G, param_dtype="bfloat16").state)} == {
+          jnp.dtype("bfloat16")}
+  with pytest.raises(UserError, match="param dtype 'float16'"):
+    compositing.Compositor(model, encoder_size=E, generator_size=G, param_dtype="float16")
+  with pytest.raises(UserError, match="shard params 'some'"):
+    compositing.Compositor(model, encoder_size=E, generator_size=G, shard_params="some")
+  for kw in ({"param_dtype": "bfloat16"}, {"shard_params": "never"}):
+    with pytest.raises(UserError, match="to the Compositor, not to composite"):
+      compositing.composite(comp, files["obj"], files["bg"], box=(1, 1, 9, 9), **kw)
+
+
+@pytest.mark.slow  # a compilation for bfloat16 parameters, ~25 s on CPU
+def test_bfloat16_params_composite(ckpts, files, first):
+  comp = compositing.Compositor.from_checkpoint(ckpts["stage2"], param_dtype="bfloat16",
+                                                encoder_size=E, generator_size=G)
+  out = compositing.composite(comp, files["obj"], files["bg"], mask=files["mask"],
+                              steps=STEPS, guidance=5.0, seed=3, num_samples=2)
+  for a, b in zip(out, first["out1"]):
+    diff = np.abs(a.astype(int) - b)
+    assert diff.mean() < 1.0, diff.mean()  # weights rounded to 8 mantissa bits
+
+
+def test_merge_status_keeps_manifest_order_and_skips_cut_lines(tmp_path):
+  (tmp_path / "status.jsonl").write_text('{"id": "a", "line": 9, "status": "ok"}\n')
+  (tmp_path / composite_cli.host_status_file(0)).write_text(
+      '{"id": "c", "line": 3, "status": "ok"}\n{"id": "e", "line": 5, "status": "error"}\n')
+  (tmp_path / composite_cli.host_status_file(1)).write_text(
+      '{"id": "b", "line": 2, "status": "ok"}\n{"id": "d", "li')
+  composite_cli.merge_status(tmp_path)
+  assert [r["id"] for r in _status(tmp_path)] == ["a", "b", "c", "e"]
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["status.jsonl"]
+  assert [j.line for j in composite_cli.host_share(
+      [composite_cli._Job(n, str(n), {}, None) for n in range(1, 8)], 1, 3)] == [2, 5]
+
+
+def _free_port() -> int:
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_hosts_split_the_manifest_like_one(ckpts, files, first, tmp_path):
+  """`composite --manifest` in 2 processes (jax.distributed on 127.0.0.1, 4 CPU devices each)
+  writes what 1 process writes: every output, one status.jsonl; and resumes the same way."""
+  import os
+  import subprocess
+  import sys
+  manifest = _manifest(files["bg"].parent / "jobs_hosts.jsonl", files)
+  one = tmp_path / "one"
+  argv = ["--ckpt", ckpts["stage2"], "--manifest", manifest, "--steps", STEPS,
+          "--batch-size", 8]
+  assert composite_cli.main(_args(*argv, "--out", one)) == 1
+
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=" ".join(flags + ["--xla_force_host_platform_device_count=4"]))
+  work = tmp_path / "cwd"
+  work.mkdir()
+
+  def hosts():
+    port = _free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, "-m", "imprint_jax.cli", "composite", *map(str, argv), "--out", "two",
+         "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id",
+         str(pid)], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True) for pid in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, out in zip(procs, outs):
+      assert p.returncode == 1, out[-3000:]  # each host has one bad manifest line
+    return outs
+
+  for out in hosts():  # each host prints the totals over both
+    assert "composite: 2 done, 0 skipped (already done), 2 failed" in out, out[-3000:]
+  two = work / "two"
+  assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+  for name in ("000001.png", "boxed.png"):
+    a = np.asarray(Image.open(one / name)).astype(int)
+    b = np.asarray(Image.open(two / name)).astype(int)
+    assert np.abs(a - b).max() <= 1, name  # 4 devices per process vs 8: same rows
+  key = lambda r: (r["line"], r["id"], r["status"], r.get("output"))  # noqa: E731
+  assert [key(r) for r in _status(two)] == sorted(key(r) for r in _status(one))
+
+  stamps = {p.name: p.stat().st_mtime_ns for p in two.glob("*.png")}
+  for out in hosts():  # resume: done jobs skipped on both hosts, the failed ones retried
+    assert "composite: 0 done, 2 skipped (already done), 2 failed" in out, out[-3000:]
+  assert {p.name: p.stat().st_mtime_ns for p in two.glob("*.png")} == stamps
+  again = _status(two)[4:]
+  assert [(r["id"], r["status"]) for r in again] == [("missing", "error"), ("000004", "error")]
