@@ -31,7 +31,8 @@ demo: install
 bench: install
 	$(PY) benchmarks/train_step.py
 	$(PY) benchmarks/networks.py
-	$(PY) benchmarks/sampling.py
+	$(PY) benchmarks/networks.py --scale cpu32
+	$(PY) benchmarks/sampling.py --batches 1,8,32
 	$(PY) benchmarks/data_throughput.py
 
 clean:
