@@ -33,8 +33,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.logical_axis_rules = LOGICAL_AXIS_RULES
 
   c.init = ml_collections.ConfigDict()
+  # Local paths or gs://; a training workdir means its checkpoint picked by the *_which key:
+  # "latest", "best" (lowest validation loss) or a step number.
   c.init.checkpoint = ""        # `imprint-jax import` output; empty = random init
+  c.init.checkpoint_which = "latest"
   c.init.encoder_from = ""      # stage 2: stage-1 workdir or checkpoint giving DINOv2+adapter
+  c.init.encoder_from_which = "latest"
 
   c.train = ml_collections.ConfigDict()
   c.train.global_batch = 256
@@ -59,6 +63,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpoints = True
   c.lease_ttl_s = 60.0          # the workdir lease expires this long after its last renewal
+  # JAX's persistent compilation cache (local or gs://; e.g. in the run's bucket), so a
+  # restarted or preempted run loads its compiled steps; empty = JAX_COMPILATION_CACHE_DIR.
+  c.jax_cache_dir = ""
+  c.profile_steps = ()          # (A, B): a jax.profiler trace of steps A..B in <workdir>/profile
   return c
 
 

@@ -601,8 +601,8 @@ class _Runner:
           after: Callable[[Any, Any], None] | None = None) -> None:
     """Runs fn(job) for every job with a tqdm bar on stderr; after(job, result) in order of
     completion."""
-    from tqdm import tqdm
-    bar = tqdm(total=len(jobs), desc=desc, file=sys.stderr, disable=not self.progress,
+    from imprint_jax.progress import bar as progress_bar
+    bar = progress_bar(total=len(jobs), desc=desc, file=sys.stderr, disable=not self.progress,
                unit="unit", dynamic_ncols=True)
     try:
       if self.workers <= 1 or len(jobs) <= 1:

@@ -5,16 +5,18 @@ A checkpoint is a folder with the orbax items
   meta/       JSON: {"model": ImprintConfig.to_dict(), "stage": 0|1|2, "step": ..., ...}
   opt_state/  (training checkpoints only) the optimizer state
 `imprint-jax import` writes one such folder; training writes `<workdir>/checkpoints/<step>/`
-through an orbax CheckpointManager. `resolve()` accepts either, or a training workdir (its best
-checkpoint by validation loss if one was recorded, else its latest).
+through an orbax CheckpointManager. `resolve()` accepts either, or a training workdir: its latest
+step by default, its best by validation loss (orbax's own best step) or a given step. Paths may
+be local (relative or absolute) or gs:// (`imprint_jax.storage`).
 Every checkpoint also holds `checksums.json` (see `imprint_jax.integrity`), verified before
 its parameters are restored: a corrupt checkpoint is refused with one line naming the file.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,9 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from imprint_jax import integrity
+from etils import epath
+
+from imprint_jax import integrity, storage
 from imprint_jax.errors import UserError
 from imprint_jax.models.imprint import Imprint, ImprintConfig
 from imprint_jax.models import layers
@@ -41,50 +45,97 @@ def abstract_arrays(state: Any, shardings: Any | None = None) -> Any:
                       state, shardings)
 
 
-def is_checkpoint(path: Path) -> bool:
+def is_checkpoint(path: epath.Path) -> bool:
   return (path / "model").is_dir() and (path / "meta").is_dir()
 
 
-def _latest_step_dir(root: Path) -> Path | None:
-  steps = sorted((int(p.name), p) for p in root.iterdir() if p.name.isdigit() and is_checkpoint(p))
-  return steps[-1][1] if steps else None
+WHICH_HELP = ("for a training workdir: latest (default), best (lowest validation loss) or a"
+              " step number")
 
 
-def _best_step_dir(root: Path) -> Path | None:
-  best = None
-  for p in root.iterdir():
-    if not (p.name.isdigit() and is_checkpoint(p)):
-      continue
-    metrics = p / "metrics" / "metrics"
-    if metrics.is_file():
-      try:
-        val = json.loads(metrics.read_text()).get("val_loss")
-      except ValueError:
-        val = None
-      if val is not None and (best is None or val < best[0]):
-        best = (val, p)
-  return None if best is None else best[1]
+def parse_which(which: str | int) -> str | int:
+  """'latest', 'best' or a step number; UserError otherwise."""
+  text = str(which).strip()
+  if text in ("latest", "best"):
+    return text
+  if text.isdigit():
+    return int(text)
+  raise UserError(f"--which {which!r}: expected latest, best or a step number")
 
 
-def resolve(path: str | Path, which: str = "best") -> Path:
-  """The checkpoint folder that `path` designates (see module docstring); UserError if none."""
-  path = Path(path)
+@contextlib.contextmanager
+def _quiet_absl():
+  # A read-only CheckpointManager warns about each option it ignores in that mode.
+  logger = logging.getLogger("absl")
+  level = logger.level
+  logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    logger.setLevel(level)
+
+
+def run_manager(root: epath.Path) -> ocp.CheckpointManager:
+  """A read-only orbax CheckpointManager over `root` (a workdir's checkpoints/) that knows the
+  best step: the lowest `val_loss` among the checkpoints saved with metrics."""
+  options = ocp.CheckpointManagerOptions(
+      read_only=True, create=False, save_interval_steps=0,
+      best_fn=lambda m: m["val_loss"], best_mode="min",
+      atomicity_options=storage.atomicity_options(root))
+  with _quiet_absl():
+    return ocp.CheckpointManager(root, options=options)
+
+
+def resolve(path: str | os.PathLike, which: str | int = "latest") -> epath.Path:
+  """The checkpoint folder that `path` designates (see module docstring); UserError if none.
+
+  `which` picks the step of a training workdir: "latest", "best" (orbax's best step by
+  validation loss) or a step number."""
+  which = parse_which(which)
+  path = storage.path(path)
   if not path.exists():
     raise UserError(f"{path}: no such checkpoint or workdir")
-  # Absolute: orbax refuses relative paths ("Checkpoint path should be absolute").
   if is_checkpoint(path):
-    return path.absolute()
-  for root in (path / CHECKPOINTS_DIR, path):
-    if root.is_dir():
-      found = (_best_step_dir(root) if which == "best" else None) or _latest_step_dir(root)
-      if found is not None:
-        return found.absolute()
-  raise UserError(f"{path}: not an imprint-jax checkpoint (no model/ and meta/ inside, and no"
-                  f" {CHECKPOINTS_DIR}/<step>/ holding them)")
+    if isinstance(which, int):
+      raise UserError(f"{path}: one checkpoint, not a training workdir; --which {which} picks"
+                      " a step of a workdir")
+    return path
+  root = path / CHECKPOINTS_DIR
+  if not root.is_dir():
+    root = path
+  manager = run_manager(root)
+  try:
+    steps = sorted(manager.all_steps())
+    if not steps:
+      raise UserError(f"{path}: not an imprint-jax checkpoint (no model/ and meta/ inside, and"
+                      f" no {CHECKPOINTS_DIR}/<step>/ holding them)")
+    if which == "latest":
+      step = manager.latest_step()
+    elif which == "best":
+      step = manager.best_step()
+      if step is None:
+        raise UserError(f"{path}: no checkpoint has a validation loss (eval_every=0?); use"
+                        " --which latest or a step")
+    else:
+      if which not in steps:
+        raise UserError(f"{path}: no checkpoint of step {which} (steps: "
+                        f"{', '.join(map(str, steps))})")
+      step = which
+    found = ocp.path.step.build_step_path(root, ocp.path.step.standard_name_format(), step)
+  finally:
+    manager.close()
+  if not is_checkpoint(found):
+    raise UserError(f"{found}: not an imprint-jax checkpoint (no model/ and meta/ inside)")
+  return found
 
 
-def read_meta(ckpt: Path) -> dict[str, Any]:
-  ckpt = resolve(ckpt)
+def describe(ckpt: epath.Path, meta: dict[str, Any]) -> str:
+  """'checkpoint PATH (step N)': what every command prints about the checkpoint it used."""
+  return f"checkpoint {ckpt} (step {meta.get('step', '?')})"
+
+
+def read_meta(ckpt: str | os.PathLike, which: str | int = "latest") -> dict[str, Any]:
+  ckpt = resolve(ckpt, which)
   with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
     try:
       return ck.restore(ckpt, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
@@ -92,15 +143,17 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
       raise UserError(f"{ckpt}: unreadable checkpoint metadata ({e})") from None
 
 
-def save_model(path: str | Path, model: Imprint, meta: dict[str, Any]) -> Path:
+def save_model(path: str | os.PathLike, model: Imprint, meta: dict[str, Any]) -> epath.Path:
   """Writes `model` (all parameters) and `meta` + the model config as a checkpoint folder.
-  Orbax writes to a temporary name and renames, so a failed save leaves nothing behind."""
-  path = Path(path).absolute()
+  Orbax writes to a temporary name and renames (or, on gs:// and gcsfuse, writes a commit
+  file last), so a failed save leaves no checkpoint behind."""
+  path = storage.path(path)
   if path.exists():
     raise UserError(f"{path}: already exists; choose a new --out")
   meta = dict(meta, model=model.cfg.to_dict())
   pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ck:
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler(),
+                       atomicity_options=storage.atomicity_options(path)) as ck:
     ck.save(path, args=ocp.args.Composite(model=ocp.args.StandardSave(pure),
                                           meta=ocp.args.JsonSave(meta)))
   _write_checksums(path)
@@ -144,13 +197,14 @@ def restore_model_state(ckpt: Path, abstract_model: Imprint, shardings: Any | No
   return state
 
 
-def load_model(path: str | Path, *, dtype: str | None = None, expect_stage: int | None = None
+def load_model(path: str | os.PathLike, *, dtype: str | None = None,
+               expect_stage: int | None = None, which: str | int = "latest"
                ) -> tuple[Imprint, dict[str, Any]]:
   """Loads a whole `Imprint` model (on the default device) and its metadata from a checkpoint.
 
   `expect_stage` (1 or 2) checks the UNet's input channels: a stage-2 (compositing) model has 9.
   """
-  ckpt = resolve(path)
+  ckpt = resolve(path, which)
   meta = read_meta(ckpt)
   cfg = ImprintConfig.from_dict(meta["model"])
   if expect_stage is not None and cfg.stage != expect_stage:

@@ -66,7 +66,9 @@ def _add_export(sub) -> None:
                      " model_index.json, pipeline_imprint.py, imprint.json and a model card"
                      " README.md. Float32 weights always; --dtype adds diffusers variant files"
                      " (load with variant='fp16'/'bf16').")
-  p.add_argument("ckpt", help="checkpoint folder, or a training workdir (its best checkpoint)")
+  p.add_argument("ckpt", help="checkpoint folder, or a training workdir (local or gs://)")
+  p.add_argument("--which", default="latest", metavar="latest|best|STEP",
+                 help=_which_help())
   p.add_argument("--out", required=True, help="folder to create")
   p.add_argument("--dtype", action="append", default=[], choices=("float16", "bfloat16"),
                  help="also write this precision as a variant (fp16 / bf16); repeatable")
@@ -76,9 +78,17 @@ def _add_export(sub) -> None:
   p.set_defaults(func=_run_export)
 
 
+def _which_help() -> str:
+  return ("for a training workdir: latest (default), best (lowest validation loss) or a step"
+          " number")
+
+
 def _run_export(args) -> int:
+  from imprint_jax import checkpoint as ckpt_lib
   from imprint_jax import interop
-  path = interop.export_pretrained(args.ckpt, args.out, dtypes=tuple(dict.fromkeys(args.dtype)),
+  ckpt = ckpt_lib.resolve(args.ckpt, args.which)
+  print(f"using {ckpt_lib.describe(ckpt, ckpt_lib.read_meta(ckpt))}", file=sys.stderr)
+  path = interop.export_pretrained(ckpt, args.out, dtypes=tuple(dict.fromkeys(args.dtype)),
                                    sampler=args.sampler)
   print(f"wrote {path}")
   return 0

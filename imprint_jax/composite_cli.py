@@ -78,7 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.description = DESCRIPTION
   parser.formatter_class = argparse.RawDescriptionHelpFormatter
   parser.add_argument("--ckpt", required=True, help="stage-2 checkpoint folder, or a training"
-                      " workdir (its best checkpoint)")
+                      " workdir (local or gs://)")
+  parser.add_argument("--which", default="latest", metavar="latest|best|STEP",
+                      help=_which_help())
   parser.add_argument("--out", required=True, help="single mode: output image (.png, .jpg);"
                       " batch mode: output folder")
   single = parser.add_argument_group("single mode")
@@ -183,13 +185,19 @@ def main(args: argparse.Namespace) -> int:
   return run_single(args)
 
 
-def _settings(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
+def _which_help() -> str:
+  return ("for a training workdir: latest (default), best (lowest validation loss) or a step"
+          " number")
+
+
+def _settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
   """The checkpoint folder and its E/G/context/prediction type; fails fast on a wrong stage."""
   from imprint_jax import checkpoint as ckpt_lib
   from imprint_jax import compositing
   from imprint_jax.models.imprint import ImprintConfig
-  ckpt = ckpt_lib.resolve(args.ckpt)
+  ckpt = ckpt_lib.resolve(args.ckpt, args.which)
   meta = ckpt_lib.read_meta(ckpt)
+  print(f"using {ckpt_lib.describe(ckpt, meta)}", file=sys.stderr)
   if "model" not in meta:
     raise UserError(f"{ckpt}: checkpoint metadata has no model config")
   cfg = ImprintConfig.from_dict(meta["model"])
@@ -203,7 +211,7 @@ def _settings(args: argparse.Namespace) -> tuple[Path, dict[str, Any]]:
   return ckpt, settings
 
 
-def _load(ckpt: Path, settings: dict[str, Any], args: argparse.Namespace):
+def _load(ckpt, settings: dict[str, Any], args: argparse.Namespace):
   from imprint_jax import compositing
   return compositing.Compositor.from_checkpoint(
       ckpt, dtype=None if args.dtype == "auto" else args.dtype, param_dtype=args.param_dtype,
@@ -352,7 +360,7 @@ def run_batch(args: argparse.Namespace) -> int:
   the next device batches are prepared and the previous batch's files are written while the
   device generates."""
   import jax
-  from tqdm import tqdm
+  from imprint_jax.progress import bar
 
   from imprint_jax import compositing
 
@@ -372,7 +380,7 @@ def run_batch(args: argparse.Namespace) -> int:
   skipped = len(jobs) - len(todo)
   ndev = len(jax.local_devices())
   batch = -(-max(1, min(args.batch_size, len(todo) or 1)) // ndev) * ndev
-  progress = tqdm(total=len(todo), unit="job", desc="composite", file=sys.stderr,
+  progress = bar(total=len(todo), unit="job", desc="composite", file=sys.stderr,
                   disable=not todo)
   status = _Status(out_dir / (STATUS_FILE if nproc == 1 else host_status_file(pid)), progress)
 

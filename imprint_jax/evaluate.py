@@ -417,8 +417,8 @@ def evaluate(root: str | os.PathLike, testset: str, out: str | os.PathLike,
   real_features: list[np.ndarray] = []
   batches = _batches(source, features, total, testset, batch_size, mask_level, seed)
   if progress:
-    from tqdm import tqdm
-    batches = tqdm(batches, total=-(-total // batch_size), desc="evaluate", unit="batch",
+    from imprint_jax.progress import bar
+    batches = bar(batches, total=-(-total // batch_size), desc="evaluate", unit="batch",
                    file=sys.stderr)
   with AtomicDir(out) as tmp, open(tmp / "scores.jsonl", "w") as per_pair:
     for pairs in batches:
@@ -520,7 +520,11 @@ def epilog() -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   """The `imprint-jax evaluate` flags."""
-  parser.add_argument("--ckpt", help="stage-2 checkpoint or training workdir to evaluate")
+  parser.add_argument("--ckpt", help="stage-2 checkpoint or training workdir to evaluate"
+                      " (local or gs://)")
+  parser.add_argument("--which", default="latest", metavar="latest|best|STEP",
+                      help="for a training workdir: latest (default), best (lowest validation"
+                      " loss) or a step number")
   parser.add_argument("--images", metavar="DIR", help="instead of (or beside) --ckpt: a folder"
                       " of another method's composites, one per pair named <pair_id>.png"
                       " (AnyDoor, Paint-by-Example, ...)")
@@ -608,11 +612,17 @@ def main(args: argparse.Namespace) -> int:
                              batch_size=args.metric_batch)
   for reason in suite.skipped.values():
     print(f"imprint-jax evaluate: {reason}", file=sys.stderr)
+  ckpt = None
+  if args.ckpt:
+    from imprint_jax import checkpoint as ckpt_lib
+    ckpt = ckpt_lib.resolve(args.ckpt, args.which)
+    print(f"imprint-jax evaluate: using {ckpt_lib.describe(ckpt, ckpt_lib.read_meta(ckpt))}",
+          file=sys.stderr)
   if args.ckpt:
     if "imprint" in methods:
       raise UserError("--name imprint is the model's row; give the --images method another"
                       " --name")
-    methods = {"imprint": model_generator(args.ckpt, steps=args.steps, guidance=args.guidance,
+    methods = {"imprint": model_generator(ckpt, steps=args.steps, guidance=args.guidance,
                                           batch_size=args.batch_size, seed=args.seed,
                                           dtype=args.dtype, param_dtype=args.param_dtype,
                                           shard_params=args.shard_params), **methods}
@@ -624,7 +634,8 @@ def main(args: argparse.Namespace) -> int:
     methods[args.baseline] = baselines.paint_by_example_generator(
         args.baseline_weights, steps=args.steps, guidance=args.guidance, seed=args.seed,
         batch_size=args.batch_size)
-  settings = {"ckpt": args.ckpt, "images": args.images, "steps": args.steps,
+  settings = {"ckpt": None if ckpt is None else str(ckpt), "images": args.images,
+              "steps": args.steps,
               "guidance": args.guidance}
   if args.baseline:
     settings.update(baseline=args.baseline, baseline_weights=args.baseline_weights)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 from flax import nnx
 
 from imprint_jax import checkpoint as ckpt_lib
@@ -63,7 +64,7 @@ def tiny(stage: int, sources: dict, **overrides):
 
 def losses(workdir) -> dict[int, float]:
   out = {}
-  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+  for line in (epath.Path(str(workdir)) / "metrics.jsonl").read_text().splitlines():
     rec = json.loads(line)
     if "loss" in rec:
       out[rec["step"]] = rec
@@ -271,30 +272,56 @@ def test_unet_on_2x2x2_mesh_matches_single_device():
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-4)
 
 
-def test_sigterm_then_resume_equals_uninterrupted(stage1_run, sources, tmp_path):
+def _val_losses(workdir) -> dict[int, float]:
+  recs = [json.loads(l) for l in (epath.Path(str(workdir)) / "metrics.jsonl").read_text()
+          .splitlines()]
+  return {r["step"]: r["val_loss"] for r in recs if "val_loss" in r}
+
+
+def test_sigterm_on_gcs_then_resume_equals_uninterrupted(stage1_run, sources, gcs, tmp_path,
+                                                         monkeypatch):
+  """A run in gs:// (the emulator), killed by SIGTERM and resumed, equals the uninterrupted
+  local run step for step; nothing lands in a local 'gs:' folder."""
   c, ref_dir, _ = stage1_run
-  c = tiny(1, sources, sample_every=0)
+  c = tiny(1, sources, sample_every=0, profile_steps=(2, 3))
   ref = losses(ref_dir)
+  monkeypatch.chdir(tmp_path)
+  workdir = f"{gcs}/sigterm"
+  run = epath.Path(workdir)
 
   def kill_after_first_log():
-    path = tmp_path / "metrics.jsonl"
+    path = run / "metrics.jsonl"
     while not (path.exists() and len(path.read_text().splitlines()) >= 4):
       time.sleep(0.05)
     os.kill(os.getpid(), signal.SIGTERM)
 
   watcher = threading.Thread(target=kill_after_first_log, daemon=True)
   watcher.start()
-  first = loop.train(c, tmp_path)
+  first = loop.train(c, workdir)
   watcher.join(timeout=1)
   assert first.preempted and 4 <= first.final_step < STEPS
   with pytest.raises(UserError, match="--resume"):
-    loop.train(c, tmp_path)  # a workdir with checkpoints needs --resume
-  second = loop.train(c, tmp_path, resume=True)
+    loop.train(c, workdir)  # a workdir with checkpoints needs --resume
+  second = loop.train(c, workdir, resume=True)
   assert second.final_step == STEPS
-  got = losses(tmp_path)
+  got = losses(workdir)
   assert sorted(got) == list(range(1, STEPS + 1))
   for s in range(1, STEPS + 1):
     assert got[s]["loss"] == ref[s]["loss"], (s, got[s]["loss"], ref[s]["loss"])
+  assert json.loads((run / "config.json").read_text())["train"]["num_steps"] == STEPS
+  assert any(p.name.startswith("events.out.tfevents") for p in (run / "tensorboard").iterdir())
+  assert any(n.endswith(".xplane.pb") for _, _, names in (run / "profile").walk()
+             for n in names), "profile_steps wrote no trace"
+  # Checkpoint choice through orbax's CheckpointManager: latest, best by val_loss, a step.
+  val = _val_losses(workdir)
+  best = min(val, key=val.get)
+  assert ckpt_lib.resolve(workdir) == run / "checkpoints" / str(STEPS)
+  assert ckpt_lib.resolve(workdir, "best") == run / "checkpoints" / str(best)
+  assert ckpt_lib.resolve(workdir, str(STEPS)) == run / "checkpoints" / str(STEPS)
+  with pytest.raises(UserError, match="no checkpoint of step 3"):
+    ckpt_lib.resolve(workdir, "3")
+  for dirpath, dirnames, _ in os.walk(tmp_path):
+    assert not any(n.startswith("gs:") for n in dirnames), dirpath
 
 
 def test_resume_skips_a_corrupt_step_and_load_refuses_it(stage1_run, sources, tmp_path):

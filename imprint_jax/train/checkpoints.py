@@ -23,7 +23,7 @@ from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from imprint_jax import checkpoint as ckpt_lib
-from imprint_jax import integrity
+from imprint_jax import integrity, storage
 from imprint_jax.errors import UserError
 from imprint_jax.train.setup import Setup, full_model_state
 from imprint_jax.train.steps import TrainState, select_like
@@ -35,7 +35,7 @@ log = logging.getLogger("imprint_jax.train")
 class RunCheckpoints:
 
   def __init__(self, workdir: str | Path, *, keep: int, use_async: bool = True):
-    self.dir = Path(workdir).absolute() / ckpt_lib.CHECKPOINTS_DIR
+    self.dir = storage.path(workdir) / ckpt_lib.CHECKPOINTS_DIR  # local or gs://
     policy = pp.AnyPreservationPolicy([
         pp.LatestN(n=keep),
         pp.BestN(get_metric_fn=lambda m: m["val_loss"], reverse=True, n=1,
@@ -43,8 +43,12 @@ class RunCheckpoints:
     ])
     self.use_async = use_async
     self._saving: int | None = None
+    # best_fn makes orbax store each checkpoint's metrics, so that `checkpoint.resolve(...,
+    # "best")` can ask orbax for the best step; under a gcsfuse mount, commit-file atomicity.
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, enable_async_checkpointing=use_async, create=True,
+        best_fn=lambda m: m["val_loss"], best_mode="min",
+        atomicity_options=storage.atomicity_options(self.dir),
         async_options=ocp.AsyncOptions(post_finalization_callback=self._write_checksums)
         if use_async else None)
     self.manager = ocp.CheckpointManager(self.dir, options=options,

@@ -3,11 +3,15 @@
 `data.sources` entries are prepared dataset folders (`imprint-jax prepare` output), or
 `synthetic:<layout>` (tiny configs): a small synthetic dataset in that published layout is
 generated and prepared into `<workdir>/data/<layout>` on first use, so a tiny run needs no
-data on disk.
+data on disk (with a gs:// workdir: into a local folder named after the settings that shape it).
+Prepared folders are read with local file reads: a bucket's through a gcsfuse mount
+(`imprint_jax.storage`).
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from imprint_jax import storage
 from imprint_jax.data import augment, pipeline
 from imprint_jax.errors import UserError
 
@@ -32,7 +37,16 @@ def _prepare_synthetic(layout: str, out: Path, c: ml_collections.ConfigDict) -> 
   prepare.prepare(layout, raw / layout, out, cfg, split="all", workers=1, progress=False)
 
 
-def resolve_sources(c: ml_collections.ConfigDict, workdir: Path) -> list[tuple[str, float]]:
+def _synthetic_folder(c: ml_collections.ConfigDict, workdir, layout: str) -> Path:
+  if not storage.is_remote(workdir):
+    return Path(os.fspath(workdir)) / "data" / layout
+  # Generated data cannot be prepared into a bucket (prepare writes local files): a local
+  # folder per setting that shapes it, so a resumed run finds the same pairs.
+  name = f"{layout}-seed{c.seed}-e{c.data.encoder_size}-g{c.data.generator_size}"
+  return Path(tempfile.gettempdir()) / "imprint-jax-synthetic" / name
+
+
+def resolve_sources(c: ml_collections.ConfigDict, workdir) -> list[tuple[str, float]]:
   """(dataset folder, weight) per source; synthetic sources are built on first use."""
   out = []
   for entry in c.data.sources:
@@ -42,13 +56,14 @@ def resolve_sources(c: ml_collections.ConfigDict, workdir: Path) -> list[tuple[s
       raise UserError(f"data.sources entry {entry!r}: expected (folder, weight)") from None
     if str(path).startswith(SYNTHETIC):
       layout = str(path)[len(SYNTHETIC):]
-      folder = workdir / "data" / layout
+      folder = _synthetic_folder(c, workdir, layout)
       if jax.process_index() == 0 and not (folder / "dataset_info.json").exists():
         _prepare_synthetic(layout, folder, c)
       if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"synthetic {layout}")
       path = str(folder)
+    path = storage.local_path(path, "data source")
     if not (Path(path) / "dataset_info.json").is_file():
       raise UserError(f"data source {path}: not a prepared dataset (no dataset_info.json);"
                       " run `imprint-jax prepare` first")
@@ -166,7 +181,7 @@ def val_batches(c, setup, sources) -> list[dict[str, jax.Array]]:
   return out
 
 
-def write_samples(c, setup, state, val_batches, out_dir: Path, step: int) -> Path | None:
+def write_samples(c, setup, state, val_batches, out_dir, step: int):
   """A PNG grid of samples on the first validation batch (process 0 writes it)."""
   if not val_batches:
     return None

@@ -8,6 +8,13 @@ grids every `sample_every` steps, asynchronous orbax checkpoints every `checkpoi
 steps, and on SIGTERM (TPU preemption) a checkpoint at the next step boundary and a clean exit.
 The run holds the workdir's lease (`train.lease`) from start to end; `--resume` restores the
 newest checkpoint whose checksums match (`RunCheckpoints.restore_intact`).
+
+The workdir may be a local folder or gs:// (`imprint_jax.storage`): checkpoints go through
+orbax, metrics.jsonl, config.json and sample grids through etils epath (each rewritten whole,
+so a reader never sees a partial file), TensorBoard events through tensorboardX. Progress is a
+bar on a terminal, plain log lines otherwise. `jax_cache_dir` (or JAX_COMPILATION_CACHE_DIR)
+keeps compiled steps for a restarted run; `profile_steps=(A, B)` traces steps A..B with
+jax.profiler into `<workdir>/profile`.
 """
 
 from __future__ import annotations
@@ -16,10 +23,12 @@ import collections
 import dataclasses
 import json
 import logging
+import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,7 +37,9 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from imprint_jax import cpu_runtime
+from etils import epath
+
+from imprint_jax import cpu_runtime, storage
 from imprint_jax.data import token_store
 from imprint_jax.errors import UserError
 from imprint_jax.models import layers
@@ -86,38 +97,126 @@ class _Preemption:
 
 
 class _Writers:
-  """metrics.jsonl + TensorBoard events, on process 0 only."""
+  """metrics.jsonl + TensorBoard events, on process 0 only.
 
-  def __init__(self, workdir: Path, resume_step: int | None):
+  metrics.jsonl is rewritten whole at each flush (Cloud Storage objects cannot be appended
+  to); flushes happen only after new records, every `log_every` steps. For a gs:// workdir the
+  TensorBoard events are written to a local folder and each flush uploads the event file
+  whole through epath (what tensorboardX's own GCS writer does, but through gcsfs like every
+  other file of the run, and without that writer's upload again at garbage collection)."""
+
+  def __init__(self, workdir: epath.Path, resume_step: int | None):
     self.enabled = jax.process_index() == 0
     self.jsonl_path = workdir / "metrics.jsonl"
+    self.lines: list[str] = []
+    self.dirty = False
     if not self.enabled:
       return
-    if resume_step is not None and self.jsonl_path.exists():
-      # Drop lines written after the checkpoint we resume from: they will be recomputed.
-      kept = [l for l in self.jsonl_path.read_text().splitlines()
-              if l and json.loads(l).get("step", 0) <= resume_step]
-      self.jsonl_path.write_text("".join(l + "\n" for l in kept))
-    self.jsonl = open(self.jsonl_path, "a")
+    if self.jsonl_path.exists():
+      self.lines = [l for l in self.jsonl_path.read_text().splitlines() if l]
+      if resume_step is not None:
+        # Drop lines written after the checkpoint we resume from: they will be recomputed.
+        self.lines = [l for l in self.lines if json.loads(l).get("step", 0) <= resume_step]
+        self.dirty = True
     from tensorboardX import SummaryWriter
-    self.tb = SummaryWriter(str(workdir / "tensorboard"))
+    self.tb_dir = workdir / "tensorboard"
+    self.tb_local = (tempfile.mkdtemp(prefix="imprint-jax-tb-")
+                     if storage.is_remote(workdir) else None)
+    self.tb = SummaryWriter(self.tb_local or str(self.tb_dir))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
-    self.jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+    self.lines.append(json.dumps({"step": step, **scalars}))
+    self.dirty = True
     for k, v in scalars.items():
       self.tb.add_scalar(k, v, step)
 
   def flush(self) -> None:
-    if self.enabled:
-      self.jsonl.flush()
+    if self.enabled and self.dirty:
+      storage.write_text(self.jsonl_path, "".join(l + "\n" for l in self.lines))
       self.tb.flush()
+      self._upload_events()
+      self.dirty = False
+
+  def _upload_events(self) -> None:
+    if self.tb_local is None:
+      return
+    self.tb_dir.mkdir(parents=True, exist_ok=True)
+    for name in sorted(os.listdir(self.tb_local)):
+      with open(os.path.join(self.tb_local, name), "rb") as f:
+        storage.write_bytes(self.tb_dir / name, f.read())
 
   def close(self) -> None:
     if self.enabled:
-      self.jsonl.close()
+      self.flush()
       self.tb.close()
+      self._upload_events()
+      if self.tb_local is not None:
+        shutil.rmtree(self.tb_local, ignore_errors=True)
+
+
+def _use_compilation_cache(c: ml_collections.ConfigDict) -> None:
+  """Points JAX's persistent compilation cache at `jax_cache_dir` (local or gs://), so a
+  restarted run loads its compiled steps instead of compiling them again. Empty: JAX's own
+  setting (JAX_COMPILATION_CACHE_DIR, if set)."""
+  folder = c.get("jax_cache_dir", "")
+  if folder:
+    folder = str(storage.path(folder))
+    if jax.config.jax_compilation_cache_dir != folder:
+      from jax.experimental.compilation_cache import compilation_cache
+      jax.config.update("jax_compilation_cache_dir", folder)
+      compilation_cache.reset_cache()  # the cache binds its folder at the first compile
+  if jax.config.jax_compilation_cache_dir:
+    log.info("JAX compilation cache: %s", jax.config.jax_compilation_cache_dir)
+
+
+class _Profiler:
+  """A jax.profiler trace of steps A..B (`profile_steps=(A, B)`) into `<workdir>/profile`
+  (traced into a local folder, then copied, when the workdir is gs://)."""
+
+  def __init__(self, c: ml_collections.ConfigDict, workdir: epath.Path):
+    steps = tuple(c.get("profile_steps", ()) or ())
+    if steps and (len(steps) != 2 or not all(isinstance(s, int) for s in steps)
+                  or not 1 <= steps[0] <= steps[1]):
+      raise UserError(f"profile_steps={steps!r}: expected two steps A,B with 1 <= A <= B")
+    self.first, self.last = steps if steps else (0, -1)
+    self.out = workdir / "profile"
+    self.local = None
+    self.active = False
+
+  def before(self, step: int) -> None:
+    """Called before running step `step` (1-based)."""
+    if step == self.first and jax.process_index() == 0:
+      if storage.is_remote(self.out):
+        self.local = tempfile.mkdtemp(prefix="imprint-jax-profile-")
+      else:
+        self.out.mkdir(parents=True, exist_ok=True)
+      jax.profiler.start_trace(self.local or str(self.out))
+      self.active = True
+
+  def after(self, step: int, state) -> None:
+    if self.active and (step >= self.last):
+      self.stop(state)
+
+  def stop(self, state) -> None:
+    if not self.active:
+      return
+    try:
+      jax.block_until_ready(state)
+    except Exception:  # stopping after a failed step: its buffers may be gone
+      pass
+    jax.profiler.stop_trace()
+    self.active = False
+    if self.local is not None:
+      for root, _, files in os.walk(self.local):
+        for name in files:
+          src = os.path.join(root, name)
+          dst = self.out / os.path.relpath(src, self.local)
+          dst.parent.mkdir(parents=True, exist_ok=True)
+          dst.write_bytes(open(src, "rb").read())
+      shutil.rmtree(self.local, ignore_errors=True)
+    log.info("profile of steps %d-%d written to %s", self.first, self.last, self.out)
 
 
 def _memory_report(compiled) -> str:
@@ -177,7 +276,7 @@ def _first_bad_step(window, values) -> tuple[int, list[int]] | None:
   return None
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: bool = False,
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *, resume: bool = False,
           stop_after: int | None = None, takeover: bool = False) -> RunResult:
   """Runs (or resumes) a training run in `workdir`. `stop_after` ends the run early at that
   step, as if preempted (for tests and experiments). `takeover`: take the workdir's lease even
@@ -188,16 +287,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | Path, *, resume: boo
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-  workdir = Path(workdir).absolute()
+  workdir = storage.path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   lease = lease_lib.hold(workdir, ttl_s=config.get("lease_ttl_s", 60.0), takeover=takeover)
   with lease:
     return _train(config, workdir, resume=resume, stop_after=stop_after, lease=lease)
 
 
-def _train(config, workdir: Path, *, resume: bool, stop_after: int | None, lease
+def _train(config, workdir: epath.Path, *, resume: bool, stop_after: int | None, lease
            ) -> RunResult:
   c = config
+  _use_compilation_cache(c)
+  profiler = _Profiler(c, workdir)
   sources = train_data.resolve_sources(c, workdir)
   steps_per_epoch = train_data.steps_per_epoch(sources, c.train.global_batch, c)
   total_steps = c.train.num_steps if c.train.num_steps > 0 else c.train.epochs * steps_per_epoch
@@ -245,7 +346,8 @@ def _train(config, workdir: Path, *, resume: bool, stop_after: int | None, lease
     dist = encode_objects.check_vae(setup, state)
     log.info("latents from %s: made by this run's VAE (probe distance %.2g)", c.data.latents,
              dist)
-  (workdir / "config.json").write_text(c.to_json_best_effort(indent=2) + "\n")
+  if jax.process_index() == 0:
+    storage.write_text(workdir / "config.json", c.to_json_best_effort(indent=2) + "\n")
 
   compiled, eval_fn = compile_steps(setup)
   train_it = train_data.train_iterator(c, setup, sources)
@@ -271,7 +373,8 @@ def _train(config, workdir: Path, *, resume: bool, stop_after: int | None, lease
     return float(np.mean(jax.device_get(losses)))
 
   progress = None
-  if jax.process_index() == 0:
+  t_start, start_step = time.time(), start
+  if jax.process_index() == 0 and sys.stderr.isatty():  # a bar on a terminal, lines elsewhere
     from tqdm import tqdm
     progress = tqdm(total=total_steps, initial=start, desc=f"stage {setup.stage}",
                     dynamic_ncols=True, file=sys.stderr)
@@ -295,10 +398,15 @@ def _train(config, workdir: Path, *, resume: bool, stop_after: int | None, lease
       writers.write(s, {k: float(v) for k, v in m.items()})
     last_loss = float(fetched[-1]["loss"])
     dt = time.time() - t_window
+    img_s = len(fetched) * c.train.global_batch / dt
     if progress is not None:
       progress.update(len(fetched))
-      progress.set_postfix(loss=f"{last_loss:.4f}",
-                           img_s=f"{len(fetched) * c.train.global_batch / dt:.1f}")
+      progress.set_postfix(loss=f"{last_loss:.4f}", img_s=f"{img_s:.1f}")
+    elif jax.process_index() == 0:
+      done = window[-1][0]
+      eta = (time.time() - t_start) / max(done - start_step, 1) * (total_steps - done)
+      log.info("step %d/%d loss %.4f %.1f img/s ETA %s", done, total_steps, last_loss, img_s,
+               time.strftime("%H:%M:%S", time.gmtime(eta)))
     window.clear()
     pending.clear()
     t_window = time.time()
@@ -307,8 +415,10 @@ def _train(config, workdir: Path, *, resume: bool, stop_after: int | None, lease
     try:
       while step < end:
         batch, ids = next(train_it)
+        profiler.before(step + 1)
         state, metrics = compiled(state, batch, rng)
         step += 1
+        profiler.after(step, state)
         window.append((step, ids))
         pending.append(metrics)
         boundary = step % c.log_every == 0 or step == end
@@ -336,6 +446,7 @@ def _train(config, workdir: Path, *, resume: bool, stop_after: int | None, lease
                      force=True)
         writers.flush()
     finally:
+      profiler.stop(state)
       ckpts.close()
       writers.close()
       train_it.close()

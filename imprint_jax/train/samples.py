@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import io
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +14,9 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from imprint_jax import generate
+from etils import epath
+
+from imprint_jax import generate, storage
 from imprint_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from imprint_jax.models.imprint import vae_factor
 
@@ -66,7 +68,7 @@ def _sampler(setup):
   return _CACHE[key]
 
 
-def write_grid(c, setup, state, batch, out_dir: Path, step: int) -> Path | None:
+def write_grid(c, setup, state, batch, out_dir: epath.Path, step: int) -> epath.Path | None:
   with jax.set_mesh(setup.mesh):
     out = _sampler(setup)(state, batch, jax.random.PRNGKey(c.seed + 2))
   if not out.is_fully_addressable or jax.process_index() != 0:
@@ -80,7 +82,7 @@ def write_grid(c, setup, state, batch, out_dir: Path, step: int) -> Path | None:
   cols += [to_uint8(host["target"][:n]), to_uint8(out[:n])]
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / f"step_{step:07d}.png"
-  tmp = path.with_suffix(".tmp.png")
-  Image.fromarray(grid(cols, c.data.generator_size)).save(tmp)
-  tmp.replace(path)
+  png = io.BytesIO()
+  Image.fromarray(grid(cols, c.data.generator_size)).save(png, format="PNG")
+  storage.write_bytes(path, png.getvalue())
   return path

@@ -7,6 +7,7 @@ models and never allocates the parameters.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -244,10 +245,10 @@ def build(c: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: in
   if c.stage == 2 and not c.init.encoder_from and not c.get("allow_random_encoder", False):
     raise UserError("stage 2 needs the stage-1 encoder: set init.encoder_from to a stage-1"
                     " workdir or checkpoint")
-  if c.init.encoder_from:
-    ckpt_lib.resolve(c.init.encoder_from)  # fails loudly now, not after compiling
+  if c.init.encoder_from:  # fails loudly now, not after compiling
+    ckpt_lib.resolve(c.init.encoder_from, c.init.get("encoder_from_which", "latest"))
   if c.init.checkpoint:
-    ckpt_lib.resolve(c.init.checkpoint)
+    ckpt_lib.resolve(c.init.checkpoint, c.init.get("checkpoint_which", "latest"))
   mesh = sharding.make_mesh(dict(c.mesh), devices)
   sharding.check_batch(c.train.global_batch, mesh)
   rules = sharding.check_rules(c.logical_axis_rules)
@@ -289,11 +290,13 @@ def _model_shardings(setup: Setup, model: Imprint) -> Any:
 
 
 def _restore_into(setup: Setup, path: str, parts: tuple[str, ...], state: nnx.State,
-                  what: str) -> None:
-  """Copies the `parts` (e.g. ('dinov2', 'adapter')) of checkpoint `path` into `state`,
-  restored directly with the run's shardings. Checks the architectures agree."""
-  ckpt = ckpt_lib.resolve(path)
+                  what: str, which: str = "latest") -> None:
+  """Copies the `parts` (e.g. ('dinov2', 'adapter')) of checkpoint `path` (its `which` step,
+  for a workdir) into `state`, restored directly with the run's shardings. Checks the
+  architectures agree."""
+  ckpt = ckpt_lib.resolve(path, which)
   meta = ckpt_lib.read_meta(ckpt)
+  logging.getLogger("imprint_jax.train").info("%s: %s", what, ckpt_lib.describe(ckpt, meta))
   src_cfg = ImprintConfig.from_dict(meta["model"])
   run_cfg = setup.model_cfg
   for part in parts:
@@ -359,9 +362,10 @@ def init_model(setup: Setup) -> nnx.State:
                        _model_shardings(setup, abstract_model))
   if c.init.checkpoint:
     _restore_into(setup, c.init.checkpoint, ("dinov2", "adapter", "unet", "vae"), state,
-                  "init.checkpoint")
+                  "init.checkpoint", c.init.get("checkpoint_which", "latest"))
   if c.init.encoder_from:
-    _restore_into(setup, c.init.encoder_from, ("dinov2", "adapter"), state, "init.encoder_from")
+    _restore_into(setup, c.init.encoder_from, ("dinov2", "adapter"), state, "init.encoder_from",
+                  c.init.get("encoder_from_which", "latest"))
   return state
 
 
