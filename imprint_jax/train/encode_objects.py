@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from imprint_jax import storage
 from imprint_jax.data import latent_store, pipeline, token_store
 from imprint_jax.data import masks as masks_lib
 from imprint_jax.errors import UserError
@@ -103,7 +104,8 @@ def check_encoder(setup: setup_lib.Setup, state) -> float:
   """Refuses `data.object_tokens` made by another encoder than the run's (frozen) DINOv2.
 
   Returns the relative distance of the probe tokens (below PROBE_RTOL)."""
-  return _check_probe("data.object_tokens", Path(setup.config.data.object_tokens),
+  return _check_probe("data.object_tokens", Path(storage.local_path(setup.config.data.object_tokens,
+                                                           "data.object_tokens")),
                       token_store.PROBE, probe_tokens(setup, state.frozen["dinov2"]), "DINOv2",
                       "encode-objects", "this run's init settings")
 
@@ -112,7 +114,7 @@ def check_vae(setup: setup_lib.Setup, state) -> float:
   """Refuses `data.latents` made by another VAE than the run's.
 
   Returns the relative distance of the probe moments (below PROBE_RTOL)."""
-  return _check_probe(latent_store.KEY, Path(setup.config.data.latents), token_store.PROBE,
+  return _check_probe(latent_store.KEY, Path(storage.local_path(setup.config.data.latents, latent_store.KEY)), token_store.PROBE,
                       probe_moments(setup, state.frozen["vae"]), "VAE",
                       latent_store.COMMAND, "this run's init.checkpoint")
 
@@ -141,7 +143,9 @@ class _Store:
                what: str, key: str, per_pair: int, batch: int | None,
                workdir: str | os.PathLike | None, per_pair_option: str,
                needs_dinov2: bool = True):
-    self.out = out = Path(out)
+    # Token and latent shards are ArrayRecord files, written and read with local file I/O: a
+    # bucket's through a gcsfuse mount (imprint_jax.storage).
+    self.out = out = Path(storage.local_path(out, f"{command} --out"))
     _check_stage2(c, command)
     if (out / token_store.MANIFEST).exists():
       raise UserError(f"--out {out} already holds {what}; choose a new folder")
@@ -168,7 +172,8 @@ class _Store:
     self.per_pair = per_pair
     self.batch_sharding = sharding.batch_sharding(setup.mesh)
     from imprint_jax.train import data as train_data
-    self.sources = train_data.resolve_sources(c, Path(workdir or out).absolute())
+    self.sources = train_data.resolve_sources(
+        c, storage.path(workdir) if workdir else out.absolute())
 
   def gather(self, y: jax.Array) -> np.ndarray:
     """A batch-sharded global array -> this process's rows."""
