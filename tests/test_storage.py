@@ -91,3 +91,15 @@ def test_composite_from_gcs_checkpoint(gcs, stage2_model, tmp_path, monkeypatch,
                    "--background", "bg.png", "--box", "10,8,40,36", "--out", "o2.png"])
   assert code == 2 and "not a training workdir" in capsys.readouterr().err
   _no_gs_folder(tmp_path)
+
+
+def test_progress_is_plain_lines_off_a_terminal():
+  import io
+  from imprint_jax import progress
+  out = io.StringIO()  # not a terminal
+  bar = progress.bar(total=3, desc="composite", file=out, mininterval=0)
+  for _ in range(3):
+    bar.update()
+  bar.close()
+  text = out.getvalue()
+  assert "\r" not in text and "3/3" in text.splitlines()[-1], text
