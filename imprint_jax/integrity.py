@@ -81,7 +81,10 @@ def write(folder: str | os.PathLike) -> epath.Path:
   """Writes `folder`/checksums.json covering every file below `folder` (but itself)."""
   folder = epath.Path(folder)
   names = _files(folder)
-  files = {n: {"size": s, "sha256": d} for n, (s, d) in zip(names, _digests(folder, names))}
+  # A listed name that is not there to read (gcsfs can list a gs:// folder from a stale
+  # cache) is left out rather than failing the save.
+  files = {n: {"size": dg[0], "sha256": dg[1]}
+           for n, dg in zip(names, _digests(folder, names)) if dg is not None}
   text = json.dumps({"format": FORMAT, "files": files}, indent=1) + "\n"
   path = folder / CHECKSUMS
   if os.fspath(folder).startswith("gs://"):
