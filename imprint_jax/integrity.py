@@ -48,11 +48,17 @@ class CorruptCheckpoint(UserError):
   """A checkpoint file is missing or its content differs from the checksum written at save."""
 
 
+def _no_scheme(path) -> str:
+  return os.fspath(path).split("://", 1)[-1]
+
+
 def _files(folder: epath.Path) -> list[str]:
   out = []
   for dirpath, _, filenames in folder.walk():
     for name in filenames:
-      rel = os.path.relpath(os.fspath(dirpath / name), os.fspath(folder))
+      # Not os.path.relpath: it reads "gs://b/x" as a local path ("gs:/b/x"); and on gs://
+      # the walk may give folders without the scheme.
+      rel = _no_scheme(dirpath / name)[len(_no_scheme(folder).rstrip("/")) + 1:]
       if rel not in _SKIP and not name.startswith(CHECKSUMS):
         out.append(rel)
   return sorted(out)
@@ -81,10 +87,7 @@ def write(folder: str | os.PathLike) -> epath.Path:
   """Writes `folder`/checksums.json covering every file below `folder` (but itself)."""
   folder = epath.Path(folder)
   names = _files(folder)
-  # A listed name that is not there to read (gcsfs can list a gs:// folder from a stale
-  # cache) is left out rather than failing the save.
-  files = {n: {"size": dg[0], "sha256": dg[1]}
-           for n, dg in zip(names, _digests(folder, names)) if dg is not None}
+  files = {n: {"size": s, "sha256": d} for n, (s, d) in zip(names, _digests(folder, names))}
   text = json.dumps({"format": FORMAT, "files": files}, indent=1) + "\n"
   path = folder / CHECKSUMS
   if os.fspath(folder).startswith("gs://"):
