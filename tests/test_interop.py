@@ -104,8 +104,10 @@ def test_corrupt_import_is_refused(folders, tmp_path, capsys):
   assert _run("export", ckpt, "--out", tmp_path / "export") == 2
   err = capsys.readouterr().err.strip().splitlines()
   rel = victim.relative_to(ckpt).as_posix()
-  assert len(err) == 1 and err[0].startswith("imprint-jax export: error: "), err
-  assert f"the checkpoint is corrupt: {rel} does not match the SHA-256" in err[0], err
+  # The command names the checkpoint it picked, then refuses it in one error line.
+  assert err[:-1] == [f"using checkpoint {ckpt} (step 0)"], err
+  assert err[-1].startswith("imprint-jax export: error: "), err
+  assert f"the checkpoint is corrupt: {rel} does not match the SHA-256" in err[-1], err
   assert not (tmp_path / "export").exists()
 
 
