@@ -1,6 +1,8 @@
 """Precomputed stage-2 object tokens: `imprint-jax encode-objects` then training on them
 (the training run on tokens is tests/test_latents.py's, on tokens and latents together)."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -168,3 +170,25 @@ def test_encode_objects_cli_errors(sources, encoded, tmp_path, capsys):
   assert run("--out", str(tmp_path / "t"), "--variants", "0") == 2
   assert "--variants 0" in capsys.readouterr().err
   assert not (tmp_path / "t" / token_store.MANIFEST).exists()
+
+
+def test_encode_objects_to_gs_uploads_the_same_store(sources, encoded, gcs, tmp_path):
+  """`--out gs://...`: the store is written locally and uploaded (manifest last); it holds the
+  same files, byte for byte, as the local encoding, and nothing local is left."""
+  from etils import epath
+  remote = epath.Path(f"{gcs}/tokens-{tmp_path.name}")
+  got = encode_objects.encode(tiny(sources), os.fspath(remote), variants=VARIANTS,
+                              progress=False)
+  assert os.fspath(got) == os.fspath(remote)
+  local = {p.relative_to(encoded).as_posix(): p.read_bytes()
+           for p in encoded.rglob("*") if p.is_file()}
+  def files(folder):  # epath has no recursive glob on gs://
+    for p in folder.iterdir():
+      yield from files(p) if p.is_dir() else (p,)
+
+  uploaded = {os.fspath(p)[len(os.fspath(remote)) + 1:]: p.read_bytes() for p in files(remote)}
+  # The manifest names the data sources and folder-independent settings only.
+  assert uploaded.keys() == local.keys() and "manifest.json" in uploaded
+  assert all(uploaded[k] == local[k] for k in local), [k for k in local if uploaded[k] != local[k]]
+  with pytest.raises(UserError, match="already holds object tokens"):
+    encode_objects.encode(tiny(sources), os.fspath(remote), variants=VARIANTS, progress=False)

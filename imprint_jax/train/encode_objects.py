@@ -21,6 +21,7 @@ import dataclasses
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -143,12 +145,21 @@ class _Store:
                what: str, key: str, per_pair: int, batch: int | None,
                workdir: str | os.PathLike | None, per_pair_option: str,
                needs_dinov2: bool = True):
-    # Token and latent shards are ArrayRecord files, written and read with local file I/O: a
-    # bucket's through a gcsfuse mount (imprint_jax.storage).
-    self.out = out = Path(storage.local_path(out, f"{command} --out"))
+    # Token and latent shards are ArrayRecord files, written and read with local file I/O.
+    # An --out on gs:// is written to a local staging folder and uploaded (each process its
+    # own shards, then process 0 the probe and, last, the manifest); training reads it back
+    # through a gcsfuse mount (imprint_jax.storage).
     _check_stage2(c, command)
-    if (out / token_store.MANIFEST).exists():
-      raise UserError(f"--out {out} already holds {what}; choose a new folder")
+    self.remote = storage.path(out) if storage.is_remote(out) else None
+    if self.remote is not None:
+      if (self.remote / token_store.MANIFEST).exists():
+        raise UserError(f"--out {out} already holds {what}; choose a new folder")
+      out = Path(tempfile.mkdtemp(prefix="imprint-store-"))
+    else:
+      out = Path(storage.local_path(out, f"{command} --out"))
+      if (out / token_store.MANIFEST).exists():
+        raise UserError(f"--out {out} already holds {what}; choose a new folder")
+    self.out = out
     c = ml_collections.ConfigDict(c.to_dict())
     c.data[key.split(".")[1]] = ""  # the store being written is not read
     if not needs_dinov2:  # e.g. the VAE's store: the stage-1 encoder is not loaded
@@ -245,21 +256,42 @@ class _Store:
                   f" process, {size / 2**20:.1f} MiB, {time.time() - t0:.0f} s")
     finally:
       pool.shutdown()
+    self._upload(exclude=(token_store.PROBE, token_store.MANIFEST))
     if self.n_proc > 1:
       from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"{what} written")
     return entries
 
-  def finish(self, probe: np.ndarray, write_manifest: Callable[[], Any]) -> Path:
-    """Process 0 writes the probe, then the manifest (the store's last file)."""
+  def _upload(self, exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None) -> None:
+    """Copies this process's finished files of the staging folder to the gs:// --out."""
+    if self.remote is None:
+      return
+    for f in sorted(self.out.rglob("*")):
+      rel = f.relative_to(self.out)
+      if (not f.is_file() or rel.parts[0] == _TMP or rel.as_posix() in exclude
+          or (only is not None and rel.as_posix() not in only)):
+        continue
+      dst = self.remote / rel.as_posix()
+      dst.parent.mkdir(parents=True, exist_ok=True)
+      epath.Path(f).copy(dst, overwrite=True)
+
+  def finish(self, probe: np.ndarray, write_manifest: Callable[[Path], Any]
+             ) -> Path | epath.Path:
+    """Process 0 writes the probe, then the manifest (the store's last file): given the
+    folder to write it in. Returns the store's folder (--out)."""
     if self.proc == 0:
       tmp = self.out / _TMP / token_store.PROBE
       tmp.parent.mkdir(exist_ok=True)
       np.save(tmp, probe)
       tmp.replace(self.out / token_store.PROBE)
-      write_manifest()
+      write_manifest(self.out)
       shutil.rmtree(self.out / _TMP, ignore_errors=True)
-    return self.out
+      self._upload(only=(token_store.PROBE,))
+      self._upload(only=(token_store.MANIFEST,))
+    if self.remote is None:
+      return self.out
+    shutil.rmtree(self.out, ignore_errors=True)
+    return self.remote
 
 
 def encode(c: ml_collections.ConfigDict, out: str | os.PathLike, *, variants: int = 1,
@@ -301,8 +333,8 @@ def encode(c: ml_collections.ConfigDict, out: str | os.PathLike, *, variants: in
   entries = store.write(_encoder(setup), dinov2_state, inputs,
                         lambda pair_id, y, _: token_store.encode_record(pair_id, y),
                         image_shape=(E, E, 3), progress=progress, what="object tokens")
-  return store.finish(probe, lambda: token_store.write_manifest(
-      out, encoder_size=E, variants=variants, tokens=int(probe.shape[0]),
+  return store.finish(probe, lambda folder: token_store.write_manifest(
+      folder, encoder_size=E, variants=variants, tokens=int(probe.shape[0]),
       width=int(probe.shape[1]), seed=int(c.seed),
       augment_video_objects=bool(c.data.augment_video_objects),
       init={"checkpoint": c.init.checkpoint, "encoder_from": c.init.encoder_from},
@@ -356,8 +388,8 @@ def encode_latents(c: ml_collections.ConfigDict, out: str | os.PathLike, *, mask
 
   entries = store.write(_vae_encoder(setup), vae_state, inputs, record, image_shape=(G, G, 3),
                         progress=progress, what="latents")
-  return store.finish(probe, lambda: latent_store.write_manifest(
-      out, generator_size=G, latent=tuple(int(x) for x in probe.shape), levels=levels,
+  return store.finish(probe, lambda folder: latent_store.write_manifest(
+      folder, generator_size=G, latent=tuple(int(x) for x in probe.shape), levels=levels,
       mask_draws=mask_draws, mask_level_probs=[float(p) for p in c.data.mask_level_probs],
       seed=int(c.seed), vae=dataclasses.asdict(setup.model_cfg.vae),
       init={"checkpoint": c.init.checkpoint}, sources=entries))
