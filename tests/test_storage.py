@@ -103,3 +103,35 @@ def test_progress_is_plain_lines_off_a_terminal():
   bar.close()
   text = out.getvalue()
   assert "\r" not in text and "3/3" in text.splitlines()[-1], text
+
+
+def test_jax_cache_dir_makes_a_restart_load_compiled_code(tmp_path):
+  """`--set jax_cache_dir=DIR`: compiled programs land in DIR, and a process that starts over
+  (in-memory caches cleared) loads them from there instead of compiling again."""
+  import jax
+  import jax.numpy as jnp
+  from jax._src import monitoring
+  from jax.experimental.compilation_cache import compilation_cache
+  cache = tmp_path / "jax-cache"
+  c = run_config.load("stage1:tiny", [f"jax_cache_dir={cache}"])
+  before = (jax.config.jax_compilation_cache_dir,
+            jax.config.jax_persistent_cache_min_compile_time_secs)
+  hits = []
+  listener = lambda event, **kw: hits.append(event) if event.endswith("/cache_hits") else None
+  monitoring.register_event_listener(listener)
+  try:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    loop._use_compilation_cache(c)
+    assert jax.config.jax_compilation_cache_dir == str(cache)
+    step = lambda x: jnp.tanh(x @ x.T).sum()
+    x = jnp.ones((16, 16))
+    jax.jit(step)(x).block_until_ready()
+    assert any(cache.iterdir()) and not hits
+    jax.clear_caches()  # what a restarted process starts with
+    jax.jit(step)(x).block_until_ready()
+    assert hits, "the second compile did not come from the cache"
+  finally:
+    monitoring.unregister_event_listener(listener)
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+    compilation_cache.reset_cache()
