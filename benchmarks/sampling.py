@@ -158,7 +158,6 @@ class TorchSampler:
 
 
 def inputs_for(batch: int, sc: common.Scale, seed: int) -> dict:
-  import numpy as np
   b = common.random_batch(2, batch, sc.encoder_size, sc.generator_size, seed)
   return {"object": b["object"], "background": b["target"], "mask": b["mask"]}
 

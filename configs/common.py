@@ -39,6 +39,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.init.checkpoint_which = "latest"
   c.init.encoder_from = ""      # stage 2: stage-1 workdir or checkpoint giving DINOv2+adapter
   c.init.encoder_from_which = "latest"
+  # Stage 2 without init.encoder_from trains on a DINOv2 that stage 1 never tuned: refused
+  # unless this is set (tests, benchmarks, `plan`: runs where the weights do not matter).
+  c.allow_random_encoder = False
 
   c.train = ml_collections.ConfigDict()
   c.train.global_batch = 256

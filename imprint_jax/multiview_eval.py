@@ -24,7 +24,7 @@ from __future__ import annotations
 import colorsys
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 

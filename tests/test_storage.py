@@ -5,11 +5,7 @@ The emulator is the session's `gcs` fixture (conftest.py). A tiny training run o
 and resumed, is tests/test_train.py's SIGTERM test.
 """
 
-import json
 import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +16,6 @@ from PIL import Image
 from imprint_jax import checkpoint as ckpt_lib
 from imprint_jax import cli, storage
 from imprint_jax.errors import UserError
-from imprint_jax.train import data as train_data
 from imprint_jax.train import loop, run_config
 
 REPO = Path(__file__).resolve().parents[1]

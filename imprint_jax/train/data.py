@@ -17,7 +17,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from imprint_jax import storage
 from imprint_jax.data import augment, pipeline

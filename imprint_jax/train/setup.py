@@ -9,15 +9,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 from imprint_jax import checkpoint as ckpt_lib
 from imprint_jax.data import latent_store, token_store
@@ -242,7 +240,7 @@ def build(c: ml_collections.ConfigDict, *, total_steps: int, steps_per_epoch: in
     raise UserError(f"config stage {c.stage}: expected 1 or 2")
   schedules = optim.schedules_from_config(c.components.to_dict()
                                           if hasattr(c.components, "to_dict") else c.components)
-  if c.stage == 2 and not c.init.encoder_from and not c.get("allow_random_encoder", False):
+  if c.stage == 2 and not c.init.encoder_from and not c.allow_random_encoder:
     raise UserError("stage 2 needs the stage-1 encoder: set init.encoder_from to a stage-1"
                     " workdir or checkpoint")
   if c.init.encoder_from:  # fails loudly now, not after compiling
