@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from imprint_jax.errors import UserError
+from imprint_jax.errors import UserError, import_extra
 
 BASELINES = ("paint-by-example",)
 
@@ -33,12 +33,10 @@ def _pair_seed(seed: int, pair_id: int) -> int:
 def paint_by_example_generator(weights: str | os.PathLike, *, steps: int = 50,
                                guidance: float = 5.0, seed: int = 0, batch_size: int = 8):
   """A `evaluate.GenerateFn` running diffusers' PaintByExamplePipeline from `weights`."""
-  try:
-    import torch
-    from diffusers import DDIMScheduler, PaintByExamplePipeline
-  except ImportError as e:
-    raise UserError(f"--baseline paint-by-example needs torch and diffusers ({e.name} is not"
-                    " installed): pip install -e '.[torch]'") from None
+  torch = import_extra("torch", "torch")
+  import_extra("diffusers", "torch")
+  import_extra("transformers", "torch")
+  from diffusers import DDIMScheduler, PaintByExamplePipeline
   if not os.path.isfile(os.path.join(os.fspath(weights), "model_index.json")):
     raise UserError(f"--baseline-weights {weights}: no model_index.json (expected a"
                     " Paint-by-Example pipeline folder written by save_pretrained)")

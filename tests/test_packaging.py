@@ -117,3 +117,11 @@ def test_library_imports_no_torch():
   res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                        cwd=REPO)
   assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_the_paint_by_example_baseline_names_the_torch_extra(monkeypatch):
+  from imprint_jax import baselines
+  monkeypatch.setitem(sys.modules, "diffusers", None)  # imports fail as if not installed
+  with pytest.raises(UserError, match=r"^this needs the 'torch' extra \(diffusers is not"
+                     r" installed\): pip install 'imprint-jax\[torch\]'$"):
+    baselines.paint_by_example_generator("weights/paint-by-example")
