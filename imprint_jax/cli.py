@@ -159,21 +159,32 @@ def _add_encode_objects(sub) -> None:
                  help="perturbations stored per pair (default 4)")
   p.add_argument("--batch", type=int, default=None,
                  help="images per encoder call over all hosts (default: train.global_batch)")
+  _add_store_arguments(p)
+  p.set_defaults(func=_run_encode_objects)
+
+
+def _add_store_arguments(p) -> None:
+  """The arguments `encode-objects` and `encode-latents` share."""
   p.add_argument("--workdir", default=None,
                  help="the training run's workdir (needed for synthetic: data sources)")
   p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                  help="override a config value, as for train")
   p.add_argument("--distributed", action="store_true",
                  help="call jax.distributed.initialize() (multi-host, as for train)")
-  p.set_defaults(func=_run_encode_objects)
 
 
-def _run_encode_objects(args) -> int:
+def _store_config(args):
+  """The run config of an `encode-*` command (after jax.distributed, when asked)."""
   if args.distributed:
     import jax
     jax.distributed.initialize()
-  from imprint_jax.train import encode_objects, run_config
-  config = run_config.load(args.config, args.set)
+  from imprint_jax.train import run_config
+  return run_config.load(args.config, args.set)
+
+
+def _run_encode_objects(args) -> int:
+  config = _store_config(args)
+  from imprint_jax.train import encode_objects
   out = encode_objects.encode(config, args.out, variants=args.variants, batch=args.batch,
                               workdir=args.workdir)
   print(f"wrote {out}")
@@ -185,8 +196,8 @@ def _add_encode_latents(sub) -> None:
                      " every pair's target and masked backgrounds (train with --set"
                      " data.latents=OUT)",
                      description="Runs the stage-2 run's frozen VAE encoder (from"
-                     " init.checkpoint; init.encoder_from is not needed) once over every pair of every data source (train and"
-                     " validation splits): its target, and its masked background under each"
+                     " init.checkpoint; init.encoder_from is not needed) once over every pair"
+                     " of every data source (train and validation splits): its target, and its masked background under each"
                      " stored mask (level 1 and 4 once, levels 2 and 3 in --mask-draws random"
                      " draws; the levels with a positive data.mask_level_probs). Writes the"
                      " posteriors (mean and log-variance, float16) and the masks. Training with"
@@ -202,21 +213,13 @@ def _add_encode_latents(sub) -> None:
   p.add_argument("--batch", type=int, default=None,
                  help="images per encoder call over all hosts (default: train.global_batch);"
                  " a pair takes 1 + its stored masks")
-  p.add_argument("--workdir", default=None,
-                 help="the training run's workdir (needed for synthetic: data sources)")
-  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                 help="override a config value, as for train")
-  p.add_argument("--distributed", action="store_true",
-                 help="call jax.distributed.initialize() (multi-host, as for train)")
+  _add_store_arguments(p)
   p.set_defaults(func=_run_encode_latents)
 
 
 def _run_encode_latents(args) -> int:
-  if args.distributed:
-    import jax
-    jax.distributed.initialize()
-  from imprint_jax.train import encode_objects, run_config
-  config = run_config.load(args.config, args.set)
+  config = _store_config(args)
+  from imprint_jax.train import encode_objects
   out = encode_objects.encode_latents(config, args.out, mask_draws=args.mask_draws,
                                       batch=args.batch, workdir=args.workdir)
   print(f"wrote {out}")
