@@ -26,7 +26,7 @@ SEP = "\x1f"
 
 FAKE_GCLOUD = r"""#!/usr/bin/env bash
 F="$FAKE_DIR"
-printf '%s\x1f' "$@" >> "$F/calls"; printf '\n' >> "$F/calls"
+line=$(printf '%s\x1f' "$@"); printf '%s\n' "$line" >> "$F/calls"  # one write: calls may overlap
 pop() {  # prints the first line of $1 and drops it unless it is the last
   local first; first=$(head -n 1 "$1")
   if [[ $(wc -l < "$1") -gt 1 ]]; then tail -n +2 "$1" > "$1.tmp"; mv "$1.tmp" "$1"; fi
@@ -362,7 +362,8 @@ def test_worker_start_status_stop(tmp_path):
 
 
 STUB = """#!/usr/bin/env bash
-printf '%s\\x1f' "$(basename "$0")" "$@" >> "$STUB_LOG"; printf '\\n' >> "$STUB_LOG"
+# One write per call: the two sides of a pipeline record at the same time.
+line=$(printf '%s\\x1f' "$(basename "$0")" "$@"); printf '%s\\n' "$line" >> "$STUB_LOG"
 """
 
 
