@@ -13,7 +13,7 @@ Fairness rules the benchmarks follow:
     (torch's intra-op pool). Default: every core the process may use.
   * alternation: JAX, torch, JAX, torch ... after warm-up, so a change of machine load hits
     both frameworks alike; medians are reported.
-  * the same process: `imprint_jax.cpu_runtime`, which the command line applies too, makes
+  * the same process: `imprint_jax.parallel.cpu_runtime`, which the command line applies too, makes
     glibc keep freed memory for the whole process on a CPU run, so torch's allocations get it
     as well (its steps stop page-faulting like ours); IMPRINT_JAX_CPU_RUNTIME=default runs
     both frameworks with the system's defaults.
@@ -57,7 +57,7 @@ _cpu_runtime = "JAX started before the benchmark: its settings as they were"
 
 def single_jax_device() -> None:
   """Makes JAX see one CPU device and allocate accelerator memory on demand, and applies
-  `imprint_jax.cpu_runtime` as the command line does (call before importing JAX; no effect
+  `imprint_jax.parallel.cpu_runtime` as the command line does (call before importing JAX; no effect
   afterwards)."""
   global _cpu_runtime
   if "jax" in sys.modules:
@@ -68,7 +68,7 @@ def single_jax_device() -> None:
   # Both frameworks share one accelerator in one process: JAX must not take 75% of its memory
   # up front (the peaks reported are each allocator's own).
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
-  from imprint_jax import cpu_runtime
+  from imprint_jax.parallel import cpu_runtime
   _cpu_runtime = cpu_runtime.configure()
 
 
@@ -96,7 +96,7 @@ class Env:
 def setup(args) -> Env:
   """Pins the threads (before JAX starts), picks one JAX and one torch device and the compute
   dtype, and prints the header. `args` has the `add_common_flags` flags and --torch-device."""
-  from imprint_jax import cpu_runtime
+  from imprint_jax.parallel import cpu_runtime
   started = cpu_runtime.jax_backends_started()
   threads = pin_threads(args.threads)
   import jax
@@ -293,7 +293,7 @@ def header(jax_device, torch_device, threads: int, retained: bool = False) -> st
       f" {len(jax.devices())}); torch device: {torch_device}",
       f"host: {cpu_model()}, {os.cpu_count()} cores, {threads} used by each framework"
       f" (torch intra-op threads {torch.get_num_threads()}); load average {load_average()}",
-      f"process settings (imprint_jax.cpu_runtime, both frameworks): {_cpu_runtime};"
+      f"process settings (imprint_jax.parallel.cpu_runtime, both frameworks): {_cpu_runtime};"
       f" freed memory {'retained' if retained else 'returned to the system'} in this run",
   ]
   return "\n".join(lines)

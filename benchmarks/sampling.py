@@ -10,7 +10,7 @@ background, 50 DDIM steps with classifier-free guidance (the UNet runs on the do
 background after every step, VAE decode. Measured at batch 1 (seconds per composite) and at
 `--batch` (images/s), or at each of `--batches`.
 
-Ours: `imprint_jax.generate.composite_latents` + `decode_latent`, jitted as one function (the
+Ours: `imprint_jax.diffusion.generate.composite_latents` + `decode_latent`, jitted as one function (the
 sampler is one `fori_loop`), per-image keys as the Compositor uses them. PyTorch: diffusers
 `UNet2DConditionModel` / `AutoencoderKL`, transformers DINOv2, `ContentAdapterTorch`, the SD
 `DDIMScheduler` (scaled_linear, steps_offset 1, set_alpha_to_one false), CFG by hand on the
@@ -45,7 +45,8 @@ def build_models(model_cfg, dtype: str, torch_device, folder: Path):
   from diffusers.utils import logging as diffusers_logging
   from transformers.utils import logging as transformers_logging
 
-  from imprint_jax import convert, interop
+  from imprint_jax import convert
+  from imprint_jax.convert import interop
   diffusers_logging.disable_progress_bar()
   transformers_logging.disable_progress_bar()
   torch.manual_seed(0)
@@ -73,7 +74,7 @@ class JaxSampler:
     import jax.numpy as jnp
     from flax import nnx
 
-    from imprint_jax import generate
+    from imprint_jax.diffusion import generate
     from imprint_jax.models import layers
     graphdef, state = nnx.split(model)
     self.state = jax.device_put(nnx.to_pure_dict(state), device)  # as imprint_jax.compositing

@@ -73,7 +73,7 @@ class TorchStep:
     import torch
     import torch.nn.functional as F
 
-    from imprint_jax import diffusion
+    from imprint_jax.diffusion import schedules
     from imprint_jax.train import optim
     t0 = time.perf_counter()
     torch.manual_seed(c.seed)
@@ -104,7 +104,7 @@ class TorchStep:
     self.p_drop = c.train.embed_dropout
     self.scaling = model_cfg.vae.scaling_factor
     self.factor = model_cfg.vae.downsample_factor
-    abar = diffusion.sd_schedule().alphas_cumprod
+    abar = schedules.sd_schedule().alphas_cumprod
     self.abar = torch.tensor(abar.tolist(), dtype=torch.float32, device=device)
     nchw = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).contiguous().to(device)
     self.batch = {k: nchw(v) if v.ndim == 4 else torch.from_numpy(v).to(device)

@@ -143,8 +143,8 @@ def stage0_checkpoint(vae, scale: float, out: Path, cfg: DemoConfig, run_cfg) ->
   """An `imprint-jax import`-style checkpoint: random tiny DINOv2/adapter/UNet + the VAE."""
   from flax import nnx
 
-  from imprint_jax import checkpoint as ckpt_lib
-  from imprint_jax.interop import assemble
+  from imprint_jax.convert import checkpoint as ckpt_lib
+  from imprint_jax.convert.interop import assemble
   from imprint_jax.models import layers
   from imprint_jax.models.adapter import ContentAdapter
   from imprint_jax.models.dinov2 import Dinov2
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
   if args.fast:
     cfg = dataclasses.replace(cfg, groups=4, vae_steps=10, stage1_steps=8, stage2_steps=8,
                               eval_pairs=4, sample_steps=4)
-  from imprint_jax import cpu_runtime
+  from imprint_jax.parallel import cpu_runtime
   runtime = cpu_runtime.configure()  # before JAX starts; the demo's own steps run on the CPU
   cpu_runtime.on_platform(os.environ["JAX_PLATFORMS"].split(",")[0])
   out = Path(args.out).absolute()

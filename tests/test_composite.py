@@ -22,8 +22,9 @@ from flax import nnx
 from PIL import Image
 from scipy import ndimage
 
-from imprint_jax import checkpoint as ckpt_lib
-from imprint_jax import composite_cli, compositing
+from imprint_jax.convert import checkpoint as ckpt_lib
+from imprint_jax.cli import composite as composite_cli
+from imprint_jax import compositing
 from imprint_jax.data import schema
 from imprint_jax.errors import UserError
 from imprint_jax.models.adapter import AdapterConfig
@@ -130,7 +131,7 @@ def files(tmp_path_factory):
 
 def test_per_element_keys_draw_each_row_alone():
   """generate.composite_latents takes one key per row: row i's noise is that of key i alone."""
-  from imprint_jax import generate
+  from imprint_jax.diffusion import generate
   keys = np.stack([np.asarray(jax.random.PRNGKey(i)) for i in range(3)])
   rows, first, second = jax.jit(lambda k: (generate._normal(k, (3, 4, 4, 2)),
                                            *generate._split2(k)))(keys)

@@ -1,4 +1,4 @@
-"""imprint_jax.cpu_runtime: a step's temporaries stop being page-faulted back in every call."""
+"""imprint_jax.parallel.cpu_runtime: a step's temporaries stop being page-faulted back in every call."""
 
 import os
 import platform
@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from imprint_jax import cpu_runtime
+from imprint_jax.parallel import cpu_runtime
 from imprint_jax.errors import UserError
 
 # A computation whose 128 MiB temporary (the cumulative sum) is not an output: by default each
@@ -17,7 +17,7 @@ from imprint_jax.errors import UserError
 # processes had one or two such calls among eight), which a mean over a few calls would catch.
 _PROBE = textwrap.dedent("""
     import resource, sys
-    from imprint_jax import cpu_runtime
+    from imprint_jax.parallel import cpu_runtime
     print(cpu_runtime.configure(), cpu_runtime.on_platform("cpu"), file=sys.stderr)
     import jax, jax.numpy as jnp
     x = jnp.ones((8192, 4096), jnp.float32)
@@ -53,7 +53,7 @@ def test_configure_removes_page_faults_of_temporaries():
 
 def test_freed_memory_retained_only_for_cpu_steps():
   probe = textwrap.dedent("""
-      from imprint_jax import cpu_runtime
+      from imprint_jax.parallel import cpu_runtime
       cpu_runtime.configure()
       print(cpu_runtime.on_platform("tpu"), cpu_runtime.on_platform("cpu"))
   """)

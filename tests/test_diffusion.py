@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from imprint_jax import diffusion
+from imprint_jax.diffusion import schedules
 from imprint_jax.errors import UserError
 
 SD = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
@@ -22,7 +22,7 @@ FWD_ATOL = 1e-5  # add_noise / get_velocity on unit-scale inputs
 
 @pytest.fixture(scope="module")
 def schedule():
-  return diffusion.sd_schedule()
+  return schedules.sd_schedule()
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def test_schedule_matches_diffusers(schedule, ref):
 
 
 def test_other_schedule_parameters(ref):
-  sch = diffusion.sd_schedule(num_train_timesteps=500, beta_start=0.0001, beta_end=0.02)
+  sch = schedules.sd_schedule(num_train_timesteps=500, beta_start=0.0001, beta_end=0.02)
   want = DDPMScheduler(num_train_timesteps=500, beta_start=0.0001, beta_end=0.02,
                        beta_schedule="scaled_linear").alphas_cumprod.numpy()
   np.testing.assert_allclose(sch.alphas_cumprod, want, rtol=SCHEDULE_RTOL)
@@ -59,32 +59,32 @@ def test_add_noise_matches_diffusers(schedule, ref):
   x0, noise, t = _inputs()
   # diffusers is layout-agnostic (broadcast over trailing axes), so NHWC arrays go in as is.
   want = ref.add_noise(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t))
-  got = diffusion.add_noise(schedule, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))
+  got = schedules.add_noise(schedule, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))
   np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=FWD_ATOL)
 
 
 def test_velocity_matches_diffusers(schedule, ref):
   x0, noise, t = _inputs(1)
   want = ref.get_velocity(torch.from_numpy(x0), torch.from_numpy(noise), torch.from_numpy(t))
-  got = diffusion.velocity(schedule, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))
+  got = schedules.velocity(schedule, jnp.asarray(x0), jnp.asarray(noise), jnp.asarray(t))
   np.testing.assert_allclose(got, want.numpy(), rtol=0, atol=FWD_ATOL)
 
 
 def test_scalar_timestep_and_clean_level(schedule):
   x0, noise, _ = _inputs(2)
-  per_sample = diffusion.add_noise(schedule, x0, noise, jnp.full((6,), 300))
-  np.testing.assert_array_equal(diffusion.add_noise(schedule, x0, noise, 300), per_sample)
+  per_sample = schedules.add_noise(schedule, x0, noise, jnp.full((6,), 300))
+  np.testing.assert_array_equal(schedules.add_noise(schedule, x0, noise, 300), per_sample)
   # t = -1 is the clean sample (used by samplers after their last step).
-  np.testing.assert_array_equal(diffusion.add_noise(schedule, x0, noise, -1), x0)
+  np.testing.assert_array_equal(schedules.add_noise(schedule, x0, noise, -1), x0)
 
 
 def test_training_target(schedule):
   x0, noise, t = _inputs(3)
   np.testing.assert_array_equal(
-      diffusion.training_target(schedule, x0, noise, t, "epsilon"), noise)
+      schedules.training_target(schedule, x0, noise, t, "epsilon"), noise)
   np.testing.assert_array_equal(
-      diffusion.training_target(schedule, x0, noise, t, "v_prediction"),
-      diffusion.velocity(schedule, x0, noise, t))
+      schedules.training_target(schedule, x0, noise, t, "v_prediction"),
+      schedules.velocity(schedule, x0, noise, t))
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -92,9 +92,9 @@ def test_predict_x0_eps_inverts_the_forward_process(schedule, prediction_type):
   x0, noise, t = _inputs(4)
   t = t[:-1]  # at t=999 sqrt(abar) = 0.068 amplifies float32 rounding of x0 from epsilon
   x0, noise = x0[:-1], noise[:-1]
-  x_t = diffusion.add_noise(schedule, x0, noise, t)
-  target = diffusion.training_target(schedule, x0, noise, t, prediction_type)
-  got_x0, got_eps = diffusion.predict_x0_eps(schedule, target, x_t, t, prediction_type)
+  x_t = schedules.add_noise(schedule, x0, noise, t)
+  target = schedules.training_target(schedule, x0, noise, t, prediction_type)
+  got_x0, got_eps = schedules.predict_x0_eps(schedule, target, x_t, t, prediction_type)
   np.testing.assert_allclose(got_x0, x0, atol=1e-4)
   np.testing.assert_allclose(got_eps, noise, atol=1e-4)
 
@@ -102,7 +102,7 @@ def test_predict_x0_eps_inverts_the_forward_process(schedule, prediction_type):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 def test_gaussian_noise_is_jax_random_normal(dtype):
   rng = jax.random.key(11)
-  got = diffusion.gaussian_noise(rng, (2, 2, 2, 2), dtype)
+  got = schedules.gaussian_noise(rng, (2, 2, 2, 2), dtype)
   assert got.shape == (2, 2, 2, 2) and got.dtype == dtype
   np.testing.assert_array_equal(got, jax.random.normal(rng, (2, 2, 2, 2), dtype))
 
@@ -110,7 +110,7 @@ def test_gaussian_noise_is_jax_random_normal(dtype):
 def test_schedule_is_a_pytree(schedule):
   @jax.jit
   def f(sch, x0, noise):
-    return diffusion.add_noise(sch, x0, noise, jnp.array([10, 20]))
+    return schedules.add_noise(sch, x0, noise, jnp.array([10, 20]))
 
   x0, noise = jnp.ones((2, 3)), jnp.zeros((2, 3))
   np.testing.assert_allclose(f(schedule, x0, noise),
@@ -122,13 +122,13 @@ def test_schedule_is_a_pytree(schedule):
 def test_bad_prediction_type(schedule, prediction_type):
   x0, noise, t = _inputs()
   with pytest.raises(UserError, match=f"prediction_type '{prediction_type}'"):
-    diffusion.training_target(schedule, x0, noise, t, prediction_type)
+    schedules.training_target(schedule, x0, noise, t, prediction_type)
   with pytest.raises(UserError, match="epsilon, v_prediction"):
-    diffusion.predict_x0_eps(schedule, noise, x0, t, prediction_type)
+    schedules.predict_x0_eps(schedule, noise, x0, t, prediction_type)
 
 
 def test_bad_schedule_arguments():
   with pytest.raises(UserError, match="beta_start"):
-    diffusion.sd_schedule(beta_start=0.02, beta_end=0.01)
+    schedules.sd_schedule(beta_start=0.02, beta_end=0.01)
   with pytest.raises(UserError, match="num_train_timesteps"):
-    diffusion.sd_schedule(num_train_timesteps=1)
+    schedules.sd_schedule(num_train_timesteps=1)

@@ -23,9 +23,9 @@ from PIL import Image
 
 from imprint_jax.configs.common import tiny_model
 from imprint_jax.data_prep import prepare, synthetic
-from imprint_jax import checkpoint as ckpt_lib
-from imprint_jax import evaluate as ev
-from imprint_jax import metrics
+from imprint_jax.convert import checkpoint as ckpt_lib
+from imprint_jax.evaluation import runner as ev
+from imprint_jax.evaluation import metrics
 from imprint_jax.errors import UserError
 from imprint_jax.models.imprint import Imprint, ImprintConfig
 from test_metrics import save_tiny_inception
@@ -324,7 +324,7 @@ def test_paint_by_example_baseline_scored_beside_ours(testsets, weights, tmp_pat
     np.testing.assert_array_equal(np.asarray(Image.open(f"{stem}_background.png")),
                                   p.background)
     np.testing.assert_array_equal(np.asarray(Image.open(f"{stem}_mask.png")) > 0, p.region)
-  from imprint_jax import baselines
+  from imprint_jax.evaluation import baselines
   generate = baselines.paint_by_example_generator(pbe, steps=2, batch_size=1)
   saved = [np.asarray(Image.open(out / "images" / "paint-by-example" / f"{p.pair_id:05d}.png"))
            for p in pairs]

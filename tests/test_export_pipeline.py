@@ -20,8 +20,11 @@ from flax import nnx
 from PIL import Image
 from safetensors.numpy import load_file
 
-from imprint_jax import checkpoint as ckpt_lib
-from imprint_jax import cli, compositing, interop, pipeline_imprint
+from imprint_jax.convert import checkpoint as ckpt_lib
+from imprint_jax import cli
+from imprint_jax import compositing
+from imprint_jax.convert import interop
+from imprint_jax.convert import pipeline_imprint
 from imprint_jax.data import masks as masks_lib
 from imprint_jax.models.adapter import AdapterConfig
 from imprint_jax.models.dinov2 import Dinov2Config

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from imprint_jax import integrity
+from imprint_jax.convert import integrity
 from imprint_jax.train import run_config
 from imprint_jax.train import data as train_data
 
@@ -35,7 +35,8 @@ CHILD = r"""
 import os, signal, sys
 point, at, only_process = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 argv = sys.argv[4:]
-from imprint_jax import cli, integrity
+from imprint_jax import cli
+from imprint_jax.convert import integrity
 from imprint_jax.train import checkpoints, loop
 
 def die():

@@ -90,7 +90,7 @@ def test_import_export_round_trip_is_bit_exact(folders, tmp_path):
 def test_corrupt_import_is_refused(folders, tmp_path, capsys):
   """`import` writes checksums; a command loading the checkpoint refuses it once a byte of
   it changed: one line naming the file, nothing written."""
-  from imprint_jax import integrity
+  from imprint_jax.convert import integrity
   ckpt = tmp_path / "ckpt"
   assert _run("import", "--sd", folders / "sd", "--dinov2", folders / "dinov2",
               "--out", ckpt) == 0

@@ -104,7 +104,7 @@ def test_splash_attention_sharded():
   if len(jax.devices()) < 8:
     pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
   q, k, v = _qkv(b=4, h=4, d=16)
-  from imprint_jax.train import sharding
+  from imprint_jax.parallel import sharding
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   sh = NamedSharding(mesh, P(("data", "fsdp")))
   splash = jax.jit(lambda q, k, v: layers._attention_splash(q, k, v, interpret=True))
@@ -273,7 +273,7 @@ def test_shard_batch_on_row_parallel_output_is_correct(shape):
   constrained by shard_batch, every sample is right."""
   if len(jax.devices()) < 8:
     pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
-  from imprint_jax.train import sharding
+  from imprint_jax.parallel import sharding
   b, l, c, d = shape
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   rs = np.random.RandomState(0)

@@ -27,11 +27,11 @@ import transformers
 from safetensors.torch import save_file
 from torch import nn
 
-from imprint_jax import metrics
+from imprint_jax.evaluation import metrics
 from imprint_jax.errors import UserError
-from imprint_jax.metrics import convert, fid
-from imprint_jax.metrics.clip import CLIP_MEAN, CLIP_STD, clip_preprocess
-from imprint_jax.metrics.vit import IMAGENET_MEAN, IMAGENET_STD, dino_preprocess
+from imprint_jax.evaluation.metrics import convert, fid
+from imprint_jax.evaluation.metrics.clip import CLIP_MEAN, CLIP_STD, clip_preprocess
+from imprint_jax.evaluation.metrics.vit import IMAGENET_MEAN, IMAGENET_STD, dino_preprocess
 
 PARITY_TOL = 1e-4
 DIVISOR = 16

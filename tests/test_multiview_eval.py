@@ -12,8 +12,8 @@ import transformers
 from PIL import Image
 
 from imprint_jax.data_prep import prepare, synthetic
-from imprint_jax import evaluate as ev
-from imprint_jax import multiview_eval as mv
+from imprint_jax.evaluation import runner as ev
+from imprint_jax.evaluation import multiview as mv
 from imprint_jax.errors import UserError
 
 
@@ -73,7 +73,7 @@ def tiny_ckpt(tmp_path_factory):
   import jax
   from flax import nnx
   from imprint_jax.configs.common import tiny_model
-  from imprint_jax import checkpoint as ckpt_lib
+  from imprint_jax.convert import checkpoint as ckpt_lib
   from imprint_jax.models.imprint import Imprint, ImprintConfig
   cfg = ImprintConfig.from_dict(tiny_model().to_dict())
   graphdef, state = nnx.split(nnx.eval_shape(lambda: Imprint(cfg, rngs=nnx.Rngs(0))))

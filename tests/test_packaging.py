@@ -110,7 +110,7 @@ def test_a_missing_extra_is_one_line_naming_it():
 def test_library_imports_no_torch():
   """The training and compositing paths run without the `torch` extra."""
   code = ("import sys; import imprint_jax.cli, imprint_jax.train.loop, imprint_jax.compositing,"
-          " imprint_jax.interop, imprint_jax.evaluate, imprint_jax.data_prep.prepare;"
+          " imprint_jax.convert.interop, imprint_jax.evaluation.runner, imprint_jax.data_prep.prepare;"
           " bad = sorted(m for m in sys.modules if m.split('.')[0] in"
           " ('torch', 'diffusers', 'transformers')); print(bad); sys.exit(bool(bad))")
   env = dict(os.environ, JAX_PLATFORMS="cpu")
@@ -120,7 +120,7 @@ def test_library_imports_no_torch():
 
 
 def test_the_paint_by_example_baseline_names_the_torch_extra(monkeypatch):
-  from imprint_jax import baselines
+  from imprint_jax.evaluation import baselines
   monkeypatch.setitem(sys.modules, "diffusers", None)  # imports fail as if not installed
   with pytest.raises(UserError, match=r"^this needs the 'torch' extra \(diffusers is not"
                      r" installed\): pip install 'imprint-jax\[torch\]'$"):

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 import pytest
 
-from imprint_jax import integrity
+from imprint_jax.convert import integrity
 from imprint_jax.errors import UserError
 from imprint_jax.train import lease as lease_lib
 from imprint_jax.train.checkpoints import RunCheckpoints

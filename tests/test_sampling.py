@@ -16,7 +16,8 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler, DPMSolverMultistepScheduler
 
-from imprint_jax import diffusion, sampling
+from imprint_jax.diffusion import schedules
+from imprint_jax.diffusion import samplers
 from imprint_jax.errors import UserError
 
 # SD 1.x/2.x scheduler_config.json: scaled_linear, steps_offset 1, set_alpha_to_one false,
@@ -43,7 +44,7 @@ def torch_model(x, t):
 
 @pytest.fixture(scope="module")
 def schedule():
-  return diffusion.sd_schedule()
+  return schedules.sd_schedule()
 
 
 def _rel(ours, ref) -> float:
@@ -63,18 +64,18 @@ def _run_reference(scheduler, n, x, step_kw=lambda i: {}):
 def test_timesteps_match_diffusers(n):
   ddim = DDIMScheduler(**DDIM_KW)
   ddim.set_timesteps(n)
-  np.testing.assert_array_equal(sampling.timesteps("ddim", n), ddim.timesteps.numpy())
+  np.testing.assert_array_equal(samplers.timesteps("ddim", n), ddim.timesteps.numpy())
   dpm = DPMSolverMultistepScheduler(**SD)
   assert dpm.config.timestep_spacing == "linspace"  # the default SD configs end up with
   dpm.set_timesteps(n)
-  np.testing.assert_array_equal(sampling.timesteps("dpmpp_2m", n), dpm.timesteps.numpy())
+  np.testing.assert_array_equal(samplers.timesteps("dpmpp_2m", n), dpm.timesteps.numpy())
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 @pytest.mark.parametrize("n", [10, 25])
 def test_ddim_matches_diffusers(schedule, prediction_type, n):
   want = _run_reference(DDIMScheduler(**DDIM_KW, prediction_type=prediction_type), n, X_T)
-  got = sampling.sample(jnp_model, jnp.asarray(X_T), num_steps=n, sampler="ddim",
+  got = samplers.sample(jnp_model, jnp.asarray(X_T), num_steps=n, sampler="ddim",
                         schedule=schedule, prediction_type=prediction_type)
   assert _rel(got, want) <= PARITY_TOL
 
@@ -84,11 +85,11 @@ def test_ddim_eta_matches_diffusers_given_the_same_noise(schedule):
   # equals jax.random.normal, see test_diffusion.py, and compiles faster.)
   n, eta, rng = 12, 0.7, jax.random.key(5)
   draws = jax.jit(jax.vmap(
-      lambda i: diffusion.gaussian_noise(jax.random.fold_in(rng, i), X_T.shape)))(jnp.arange(n))
+      lambda i: schedules.gaussian_noise(jax.random.fold_in(rng, i), X_T.shape)))(jnp.arange(n))
   noise = torch.from_numpy(np.array(draws))
   want = _run_reference(DDIMScheduler(**DDIM_KW), n, X_T,
                         lambda i: {"eta": eta, "variance_noise": noise[i]})
-  got = sampling.sample(jnp_model, jnp.asarray(X_T), num_steps=n, sampler="ddim",
+  got = samplers.sample(jnp_model, jnp.asarray(X_T), num_steps=n, sampler="ddim",
                         schedule=schedule, eta=eta, rng=rng)
   assert _rel(got, want) <= PARITY_TOL
   assert _rel(want, _run_reference(DDIMScheduler(**DDIM_KW), n, X_T)) > 1e-2  # noise matters
@@ -100,7 +101,7 @@ def test_dpmpp_2m_matches_diffusers(schedule, prediction_type, n):
   ref = DPMSolverMultistepScheduler(**SD, prediction_type=prediction_type)
   assert ref.config.algorithm_type == "dpmsolver++" and ref.config.solver_order == 2
   want = _run_reference(ref, n, X_T)
-  got = sampling.sample(jnp_model, jnp.asarray(X_T), num_steps=n, sampler="dpmpp_2m",
+  got = samplers.sample(jnp_model, jnp.asarray(X_T), num_steps=n, sampler="dpmpp_2m",
                         schedule=schedule, prediction_type=prediction_type)
   assert _rel(got, want) <= PARITY_TOL
 
@@ -108,17 +109,17 @@ def test_dpmpp_2m_matches_diffusers(schedule, prediction_type, n):
 def test_ddim_invert_matches_diffusers_inverse_scheduler(schedule):
   n = 20
   want = _run_reference(DDIMInverseScheduler(**DDIM_KW), n, X_T)
-  got = sampling.ddim_invert(jnp_model, jnp.asarray(X_T), n, schedule)
+  got = samplers.ddim_invert(jnp_model, jnp.asarray(X_T), n, schedule)
   assert _rel(got, want) <= PARITY_TOL
 
 
 MU, S = 0.3, 0.5
-SCHEDULE = diffusion.sd_schedule()
+SCHEDULE = schedules.sd_schedule()
 
 
 def _gauss_eps(x, t_B):
   """E[eps | x_t] for data ~ N(MU, S^2): the exact epsilon-predictor of that distribution."""
-  a = diffusion.alpha_bar(SCHEDULE, t_B)[:, None, None, None]
+  a = schedules.alpha_bar(SCHEDULE, t_B)[:, None, None, None]
   return jnp.sqrt(1.0 - a) * (x - jnp.sqrt(a) * MU) / (a * S ** 2 + 1.0 - a)
 
 
@@ -128,8 +129,8 @@ def test_ddim_inversion_round_trip(schedule):
   x0 = MU + S * jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
   errors = {}
   for n in (50, 100):
-    x_T = sampling.ddim_invert(_gauss_eps, x0, n, schedule)
-    back = sampling.sample(_gauss_eps, x_T, num_steps=n, sampler="ddim", schedule=schedule)
+    x_T = samplers.ddim_invert(_gauss_eps, x0, n, schedule)
+    back = samplers.sample(_gauss_eps, x_T, num_steps=n, sampler="ddim", schedule=schedule)
     errors[n] = float(jnp.abs(back - x0).max())
   assert errors[100] < 0.05  # measured 0.035 (data std 0.5)
   assert 0.4 < errors[100] / errors[50] < 0.6  # measured 0.50
@@ -161,7 +162,7 @@ def test_cfg_at_scale_one_is_the_conditional_prediction():
   want = model_fn(x, t, cond)
   calls.clear()
   # A Python 1 skips the unconditional half altogether.
-  got = sampling.cfg_denoise_fn(model_fn, cond, uncond, 1.0)(x, t)
+  got = samplers.cfg_denoise_fn(model_fn, cond, uncond, 1.0)(x, t)
   np.testing.assert_array_equal(got, want)
   assert calls == [2]
   # An array scale of 1 takes the batched path; the combination cond + (s - 1) (cond - uncond)
@@ -169,11 +170,11 @@ def test_cfg_at_scale_one_is_the_conditional_prediction():
   both = {k: np.concatenate([cond[k], uncond[k]]) for k in cond}
   cond_half = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]), both)[:2]
   calls.clear()
-  got = sampling.cfg_denoise_fn(model_fn, cond, uncond, jnp.float32(1.0))(x, t)
+  got = samplers.cfg_denoise_fn(model_fn, cond, uncond, jnp.float32(1.0))(x, t)
   assert calls == [4]
   np.testing.assert_array_equal(got, cond_half)
   # Traced under jit (XLA may fuse differently, so compared to a float32 tolerance).
-  got = jax.jit(lambda s: sampling.cfg_denoise_fn(model_fn, cond, uncond, s)(x, t))(1.0)
+  got = jax.jit(lambda s: samplers.cfg_denoise_fn(model_fn, cond, uncond, s)(x, t))(1.0)
   np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
@@ -184,7 +185,7 @@ def test_cfg_combines_in_one_batched_call():
   x, t = jnp.asarray(X_T), jnp.array([300, 300])
   c, u = model_fn(x, t, cond), model_fn(x, t, uncond)
   calls.clear()
-  got = sampling.cfg_denoise_fn(model_fn, cond, uncond, 7.5)(x, t)
+  got = samplers.cfg_denoise_fn(model_fn, cond, uncond, 7.5)(x, t)
   assert calls == [4]  # one call on the doubled batch
   np.testing.assert_allclose(got, u + 7.5 * (c - u), rtol=1e-5, atol=1e-5)
   assert _rel(got, c) > 1e-2
@@ -194,7 +195,7 @@ def test_cfg_context_structures_must_match():
   cond, uncond = _ctxs()
   del uncond["extra"]
   with pytest.raises(UserError, match="structures"):
-    sampling.cfg_denoise_fn(_ctx_model([]), cond, uncond, 3.0)
+    samplers.cfg_denoise_fn(_ctx_model([]), cond, uncond, 3.0)
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
@@ -205,7 +206,7 @@ def test_loop_is_traced_once(schedule, sampler):
     traces.append(1)  # Python side effect: runs only while tracing
     return jnp_model(x, t_B)
 
-  run = jax.jit(lambda x: sampling.sample(denoise, x, num_steps=30, sampler=sampler,
+  run = jax.jit(lambda x: samplers.sample(denoise, x, num_steps=30, sampler=sampler,
                                           schedule=schedule))
   first = run(jnp.asarray(X_T))
   second = run(jnp.asarray(X_T) + 1.0)
@@ -214,7 +215,7 @@ def test_loop_is_traced_once(schedule, sampler):
 
 
 def test_same_seed_same_output(schedule):
-  go = jax.jit(lambda rng: sampling.sample(jnp_model, jnp.asarray(X_T), num_steps=8,
+  go = jax.jit(lambda rng: samplers.sample(jnp_model, jnp.asarray(X_T), num_steps=8,
                                            sampler="ddim", schedule=schedule, eta=1.0, rng=rng))
   np.testing.assert_array_equal(go(jax.random.key(0)), go(jax.random.key(0)))
   assert not np.allclose(go(jax.random.key(0)), go(jax.random.key(1)))
@@ -230,28 +231,28 @@ def test_blend_fn_sees_the_next_noise_level(schedule, sampler, final_t):
 
   def blend(x, t_next):
     jax.debug.callback(lambda t: seen.append(int(t[0])), t_next)
-    return diffusion.add_noise(schedule, bg, noise, t_next)
+    return schedules.add_noise(schedule, bg, noise, t_next)
 
   n = 6
-  out = sampling.sample(jnp_model, jnp.asarray(X_T), num_steps=n, sampler=sampler,
+  out = samplers.sample(jnp_model, jnp.asarray(X_T), num_steps=n, sampler=sampler,
                         schedule=schedule, blend_fn=blend)
-  want = diffusion.add_noise(schedule, bg, noise, jnp.full((2,), final_t))
+  want = schedules.add_noise(schedule, bg, noise, jnp.full((2,), final_t))
   np.testing.assert_allclose(out, want, rtol=1e-6, atol=1e-6)
-  ts = sampling.timesteps(sampler, n)
+  ts = samplers.timesteps(sampler, n)
   assert seen == [*ts[1:].tolist(), final_t]
 
 
 def test_identity_blend_changes_nothing(schedule):
   x = jnp.asarray(X_T)
-  plain = sampling.sample(jnp_model, x, num_steps=5, sampler="dpmpp_2m", schedule=schedule)
-  blended = sampling.sample(jnp_model, x, num_steps=5, sampler="dpmpp_2m", schedule=schedule,
+  plain = samplers.sample(jnp_model, x, num_steps=5, sampler="dpmpp_2m", schedule=schedule)
+  blended = samplers.sample(jnp_model, x, num_steps=5, sampler="dpmpp_2m", schedule=schedule,
                             blend_fn=lambda x, t: x)
   np.testing.assert_array_equal(plain, blended)
 
 
 def test_bf16_latents_keep_their_dtype(schedule):
   x = jnp.asarray(X_T, jnp.bfloat16)
-  out = sampling.sample(jnp_model, x, num_steps=5, schedule=schedule)
+  out = samplers.sample(jnp_model, x, num_steps=5, schedule=schedule)
   assert out.dtype == jnp.bfloat16
 
 
@@ -267,4 +268,4 @@ def test_bf16_latents_keep_their_dtype(schedule):
 def test_bad_arguments(schedule, kwargs, needle):
   kw = {"num_steps": 10, **kwargs}
   with pytest.raises(UserError, match=needle):
-    sampling.sample(jnp_model, jnp.asarray(X_T), schedule=schedule, **kw)
+    samplers.sample(jnp_model, jnp.asarray(X_T), schedule=schedule, **kw)

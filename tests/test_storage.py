@@ -13,8 +13,9 @@ import pytest
 from etils import epath
 from PIL import Image
 
-from imprint_jax import checkpoint as ckpt_lib
-from imprint_jax import cli, storage
+from imprint_jax.convert import checkpoint as ckpt_lib
+from imprint_jax import storage
+from imprint_jax import cli
 from imprint_jax.errors import UserError
 from imprint_jax.train import loop, run_config
 

@@ -22,7 +22,7 @@ import pytest
 from etils import epath
 from flax import nnx
 
-from imprint_jax import checkpoint as ckpt_lib
+from imprint_jax.convert import checkpoint as ckpt_lib
 from imprint_jax.data import pipeline
 from imprint_jax.errors import UserError
 from imprint_jax.train import loop, optim, run_config
@@ -245,7 +245,7 @@ def test_unet_on_2x2x2_mesh_matches_single_device():
 
   from imprint_jax.models import layers
   from imprint_jax.models.imprint import Imprint
-  from imprint_jax.train import sharding
+  from imprint_jax.parallel import sharding
   if len(jax.devices()) < 8:
     pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
   c = run_config.load("configs/stage2.py:tiny")
@@ -328,7 +328,7 @@ def test_resume_skips_a_corrupt_step_and_load_refuses_it(stage1_run, sources, tm
   """Bytes flipped in the newest step's parameters: `load_model` refuses that step with one
   line naming it and the file; `--resume` falls back to step 8 and reproduces the
   uninterrupted run's losses exactly."""
-  from imprint_jax import integrity
+  from imprint_jax.convert import integrity
   _, ref_dir, _ = stage1_run
   ref = losses(ref_dir)
   c = tiny(1, sources, sample_every=0)
@@ -460,7 +460,7 @@ def test_phase_boundary_past_the_end_is_refused_before_compiling(sources, tmp_pa
 
 
 def test_plan_reports_memory(sources, capsys):
-  from imprint_jax.train import plan
+  from imprint_jax.parallel import plan
   c = tiny(1, sources)
   p = plan.plan(c, {"data": 2, "fsdp": 2, "tensor": 2})
   assert p.mesh == {"data": 2, "fsdp": 2, "tensor": 2}

@@ -21,7 +21,7 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from imprint_jax import diffusion
+from imprint_jax.diffusion import schedules
 from imprint_jax.convert.common import TRANSFORMS
 from imprint_jax.convert.vae import detect_style, load_vae, save_vae, vae_rules
 from imprint_jax.errors import UserError
@@ -143,7 +143,7 @@ def test_latent_helpers(vae):
   mean, logvar, z_mean, drawn, dec_scaled = run(vae, x, rng)
   np.testing.assert_allclose(z_mean, mean * sf, rtol=1e-6, atol=0)
   # gaussian_noise(rng, shape) == jax.random.normal(rng, shape) (test_diffusion.py).
-  want = (mean + jnp.exp(0.5 * logvar) * diffusion.gaussian_noise(rng, mean.shape)) * sf
+  want = (mean + jnp.exp(0.5 * logvar) * schedules.gaussian_noise(rng, mean.shape)) * sf
   np.testing.assert_allclose(drawn, want, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(drawn, run(vae, x, rng)[3])  # same key, same draw
   assert not np.allclose(drawn, run(vae, x, jax.random.key(4))[3])

@@ -5,7 +5,7 @@ optimizer state, and JSON metadata: step, the data iterator's state, the run con
 model config. Saves are asynchronous. Kept: the last `keep` checkpoints plus the best one by
 validation loss.
 
-Integrity (see `imprint_jax.integrity`): each step folder gets `checksums.json` inside orbax's
+Integrity (see `imprint_jax.convert.integrity`): each step folder gets `checksums.json` inside orbax's
 commit; `restore` verifies the newest step and falls back to the newest intact one, setting
 corrupt steps aside as `corrupt-<step>/` so the run can write those steps again.
 """
@@ -22,8 +22,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from imprint_jax import checkpoint as ckpt_lib
-from imprint_jax import integrity, storage
+from imprint_jax.convert import checkpoint as ckpt_lib
+from imprint_jax import storage
+from imprint_jax.convert import integrity
 from imprint_jax.errors import UserError
 from imprint_jax.train.setup import Setup, full_model_state
 from imprint_jax.train.steps import TrainState, select_like

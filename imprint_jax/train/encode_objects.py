@@ -43,7 +43,7 @@ from imprint_jax.models import layers
 from imprint_jax.models.dinov2 import Dinov2
 from imprint_jax.models.vae import AutoencoderKL
 from imprint_jax.train import setup as setup_lib
-from imprint_jax.train import sharding
+from imprint_jax.parallel import sharding
 
 # Relative L2 distance between the probe outputs at encoding time and at training time above
 # which `train` refuses a store. bfloat16 on another platform moves them by ~1e-2 at most;

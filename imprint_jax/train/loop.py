@@ -39,14 +39,15 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from etils import epath
 
-from imprint_jax import cpu_runtime, storage
+from imprint_jax import storage
+from imprint_jax.parallel import cpu_runtime
 from imprint_jax.data import token_store
 from imprint_jax.errors import UserError
 from imprint_jax.models import layers
 from imprint_jax.train import data as train_data
 from imprint_jax.train import lease as lease_lib
 from imprint_jax.train import setup as setup_lib
-from imprint_jax.train import sharding
+from imprint_jax.parallel import sharding
 from imprint_jax.train.checkpoints import RunCheckpoints
 from imprint_jax.train.steps import make_eval_step, make_train_step
 

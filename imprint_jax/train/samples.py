@@ -15,7 +15,8 @@ from PIL import Image
 
 from etils import epath
 
-from imprint_jax import generate, storage
+from imprint_jax import storage
+from imprint_jax.diffusion import generate
 from imprint_jax.data.pipeline import IMAGENET_MEAN, IMAGENET_STD
 from imprint_jax.models.imprint import vae_factor
 

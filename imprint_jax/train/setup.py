@@ -17,7 +17,7 @@ import ml_collections
 from flax import nnx
 from jax.sharding import Mesh
 
-from imprint_jax import checkpoint as ckpt_lib
+from imprint_jax.convert import checkpoint as ckpt_lib
 from imprint_jax.data import latent_store, token_store
 from imprint_jax.errors import UserError
 from imprint_jax.models import layers
@@ -27,7 +27,8 @@ from imprint_jax.models.dinov2 import num_tokens as dinov2_num_tokens
 from imprint_jax.models.imprint import Imprint, ImprintConfig, vae_factor
 from imprint_jax.models.unet import UNetConfig, widen_conv_in
 from imprint_jax.models.vae import VAEConfig
-from imprint_jax.train import optim, sharding
+from imprint_jax.train import optim
+from imprint_jax.parallel import sharding
 from imprint_jax.train.steps import StepConfig, TrainState, merge_parts
 
 # What the step needs from a batch (the pipeline also yields ids kept on the host).

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from imprint_jax import diffusion
+from imprint_jax.diffusion import schedules
 from imprint_jax.models import layers
 from imprint_jax.models.imprint import Imprint, mask_to_latent, vae_factor
 from imprint_jax.train.optim import applied_learning_rates
@@ -76,7 +76,7 @@ def _split_keys(keys_B: jax.Array, n: int) -> list[jax.Array]:
 
 def _per_sample_noise(keys_B: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
   """N(0, 1) of shape (B, *shape), sample b drawn from keys_B[b]."""
-  return jax.vmap(lambda k: diffusion.gaussian_noise(k, shape, dtype))(keys_B)
+  return jax.vmap(lambda k: schedules.gaussian_noise(k, shape, dtype))(keys_B)
 
 
 def _sample_latents(model: Imprint, mean: jax.Array, logvar: jax.Array, keys_B: jax.Array
@@ -122,12 +122,12 @@ def _context(model: Imprint, batch: dict[str, jax.Array], keys_B: jax.Array, p_d
 def _denoising_loss(model: Imprint, z0: jax.Array, ctx: jax.Array, cond: Callable,
                     keys_B: jax.Array, cfg: StepConfig) -> jax.Array:
   """E_t,eps || f(cond(x_t), t, ctx) - target ||^2 in float32, t uniform over training steps."""
-  schedule = diffusion.sd_schedule(num_train_timesteps=cfg.num_train_timesteps)
+  schedule = schedules.sd_schedule(num_train_timesteps=cfg.num_train_timesteps)
   t_keys, n_keys = _split_keys(keys_B, 2)
   t_B = jax.vmap(lambda k: jax.random.randint(k, (), 0, cfg.num_train_timesteps))(t_keys)
   noise = _per_sample_noise(n_keys, z0.shape[1:], jnp.float32)
-  x_t = diffusion.add_noise(schedule, z0, noise, t_B)
-  target = diffusion.training_target(schedule, z0, noise, t_B, cfg.prediction_type)
+  x_t = schedules.add_noise(schedule, z0, noise, t_B)
+  target = schedules.training_target(schedule, z0, noise, t_B, cfg.prediction_type)
   pred = model.unet(cond(x_t), t_B, ctx)
   return jnp.mean(jnp.square(pred.astype(jnp.float32) - target))
 

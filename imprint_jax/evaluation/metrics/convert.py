@@ -29,10 +29,10 @@ from flax import nnx
 from imprint_jax.convert import common
 from imprint_jax.convert.common import Rule
 from imprint_jax.errors import UserError
-from imprint_jax.metrics.clip import CLIPVision, CLIPVisionConfig
-from imprint_jax.metrics.fid import CONVERT_INCEPTION, inception_missing_message
-from imprint_jax.metrics.inception import DIVISORS, FIDInceptionV3, InceptionConfig
-from imprint_jax.metrics.vit import ViT, ViTConfig
+from imprint_jax.evaluation.metrics.clip import CLIPVision, CLIPVisionConfig
+from imprint_jax.evaluation.metrics.fid import CONVERT_INCEPTION, inception_missing_message
+from imprint_jax.evaluation.metrics.inception import DIVISORS, FIDInceptionV3, InceptionConfig
+from imprint_jax.evaluation.metrics.vit import ViT, ViTConfig
 from imprint_jax.models import layers
 
 

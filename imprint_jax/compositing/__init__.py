@@ -57,14 +57,16 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
 from imprint_jax.data_prep import crops
-from imprint_jax import checkpoint as ckpt_lib
-from imprint_jax import cpu_runtime, generate, sampling
+from imprint_jax.convert import checkpoint as ckpt_lib
+from imprint_jax.parallel import cpu_runtime
+from imprint_jax.diffusion import generate
+from imprint_jax.diffusion import samplers
 from imprint_jax.data import masks as masks_lib
 from imprint_jax.data.pipeline import normalize_object, normalize_target
 from imprint_jax.errors import UserError
 from imprint_jax.models.imprint import Imprint, ImprintConfig, vae_factor
 from imprint_jax.models import layers
-from imprint_jax.train import sharding
+from imprint_jax.parallel import sharding
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 Box = tuple[int, int, int, int]
@@ -837,11 +839,11 @@ def sampler_memory(cfg: ImprintConfig, batch: int, *, param_dtype: str | None = 
 
 def check_sampling(steps: int, guidance: float, sampler: str) -> None:
   """UserError for bad sampling settings (before any model work)."""
-  if sampler not in sampling.SAMPLERS:
-    raise UserError(f"sampler {sampler!r}: expected one of {', '.join(sampling.SAMPLERS)}")
+  if sampler not in samplers.SAMPLERS:
+    raise UserError(f"sampler {sampler!r}: expected one of {', '.join(samplers.SAMPLERS)}")
   if not isinstance(steps, (int, np.integer)) or not 1 <= steps <= 1000:
     raise UserError(f"steps {steps!r}: expected an integer in 1..1000")
-  sampling.timesteps(sampler, int(steps))
+  samplers.timesteps(sampler, int(steps))
   if not (isinstance(guidance, (int, float, np.floating)) and math.isfinite(guidance)
           and guidance >= 0):
     raise UserError(f"guidance {guidance!r}: expected a number >= 0 (1 = no guidance)")

@@ -41,7 +41,7 @@ _THREADS = 8
 _REASONS = ("", "is missing", "differs in size from the one written at save",
             "does not match the SHA-256 written at save")
 
-log = logging.getLogger("imprint_jax.integrity")
+log = logging.getLogger("imprint_jax.convert.integrity")
 
 
 class CorruptCheckpoint(UserError):

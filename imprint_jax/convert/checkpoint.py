@@ -8,7 +8,7 @@ A checkpoint is a folder with the orbax items
 through an orbax CheckpointManager. `resolve()` accepts either, or a training workdir: its latest
 step by default, its best by validation loss (orbax's own best step) or a given step. Paths may
 be local (relative or absolute) or gs:// (`imprint_jax.storage`).
-Every checkpoint also holds `checksums.json` (see `imprint_jax.integrity`), verified before
+Every checkpoint also holds `checksums.json` (see `imprint_jax.convert.integrity`), verified before
 its parameters are restored: a corrupt checkpoint is refused with one line naming the file.
 """
 
@@ -27,7 +27,8 @@ from flax import nnx
 
 from etils import epath
 
-from imprint_jax import integrity, storage
+from imprint_jax import storage
+from imprint_jax.convert import integrity
 from imprint_jax.errors import UserError
 from imprint_jax.models.imprint import Imprint, ImprintConfig
 from imprint_jax.models import layers

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imprint_jax.errors import UserError
-from imprint_jax.metrics.vit import Preprocess, TransformerLayer, check_activation, patchify
+from imprint_jax.evaluation.metrics.vit import Preprocess, TransformerLayer, check_activation, patchify
 from imprint_jax.models import layers
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -75,7 +75,7 @@ def inline_cpu_dispatch() -> bool:
     asynchronous = jax.config.read(_ASYNC)
     if asynchronous:
       log.warning("JAX already started: its CPU computations stay asynchronous (call"
-                  " imprint_jax.cpu_runtime.configure() before using JAX)")
+                  " imprint_jax.parallel.cpu_runtime.configure() before using JAX)")
     return not asynchronous
   jax.config.update(_ASYNC, False)
   return True

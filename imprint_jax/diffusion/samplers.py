@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imprint_jax.diffusion import (NoiseSchedule, alpha_bar, check_prediction_type,
+from imprint_jax.diffusion.schedules import (NoiseSchedule, alpha_bar, check_prediction_type,
                                    gaussian_noise, x0_eps_from_alpha_bar)
 from imprint_jax.errors import UserError
 
@@ -109,7 +109,7 @@ def sample(denoise_fn: DenoiseFn, x_T: jax.Array, *, num_steps: int, schedule: N
       `jax.random.normal(jax.random.fold_in(rng, i), x.shape)`. Must be 0 for dpmpp_2m.
     blend_fn: optional `(x (B, ...), t_next_B (B,) int32) -> x`, applied after every step;
       t_next is the noise level x is now at (0 = abar_0 after DDIM's last step, -1 = clean
-      after DPM-Solver's last step; `diffusion.add_noise` understands both).
+      after DPM-Solver's last step; `schedules.add_noise` understands both).
 
   Returns:
     The sample, (B, ...) - latents when the model is a latent-diffusion UNet.

@@ -1,6 +1,6 @@
 """The paper's evaluation metrics (IMPRINT Sec. 4.2) in JAX, loaded from PyTorch checkpoints.
 
-    from imprint_jax import metrics
+    from imprint_jax.evaluation import metrics
     suite = metrics.load_suite(clip="weights/clip-vit-large-patch14",
                                dino="weights/dino-vits16",
                                inception="weights/pt_inception-2015-12-05-6726825d.safetensors")
@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 
 from imprint_jax.errors import UserError
-from imprint_jax.metrics import fid
-from imprint_jax.metrics.fid import inception_missing_message
+from imprint_jax.evaluation.metrics import fid
+from imprint_jax.evaluation.metrics.fid import inception_missing_message
 
 # JAX and the networks are imported on first use: `imprint_jax.cli` builds the `evaluate`
 # parser from this package, and JAX must not start before `plan` has set JAX_PLATFORMS.
@@ -149,13 +149,13 @@ class MetricSuite:
 
 def clip_embedder(module, batch_size: int = 32) -> Embedder:
   """An Embedder for a `clip.CLIPVision` with CLIPImageProcessor's preprocessing."""
-  from imprint_jax.metrics.clip import clip_preprocess
+  from imprint_jax.evaluation.metrics.clip import clip_preprocess
   return Embedder(module, clip_preprocess(module.cfg.image_size), batch_size)
 
 
 def dino_embedder(module, batch_size: int = 32) -> Embedder:
   """An Embedder for a `vit.ViT` with DINO's evaluation preprocessing."""
-  from imprint_jax.metrics.vit import dino_preprocess
+  from imprint_jax.evaluation.metrics.vit import dino_preprocess
   return Embedder(module, dino_preprocess(module.cfg.image_size), batch_size)
 
 
@@ -175,7 +175,7 @@ def load_suite(*, clip: str | os.PathLike | None = None, dino: str | os.PathLike
   A path that exists but holds something unusable (wrong files, pickle weights, bad shapes)
   raises UserError: the user asked for that metric.
   """
-  from imprint_jax.metrics import convert
+  from imprint_jax.evaluation.metrics import convert
   suite = MetricSuite(fid_resize=fid_resize)
   if clip and Path(clip).exists():
     suite.clip = clip_embedder(convert.load_clip(clip, dtype), batch_size)

@@ -192,7 +192,7 @@ def _which_help() -> str:
 
 def _settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
   """The checkpoint folder and its E/G/context/prediction type; fails fast on a wrong stage."""
-  from imprint_jax import checkpoint as ckpt_lib
+  from imprint_jax.convert import checkpoint as ckpt_lib
   from imprint_jax import compositing
   from imprint_jax.models.imprint import ImprintConfig
   ckpt = ckpt_lib.resolve(args.ckpt, args.which)

@@ -39,7 +39,7 @@ def _add_import(sub) -> None:
 
 
 def _run_import(args) -> int:
-  from imprint_jax import interop
+  from imprint_jax.convert import interop
   if args.export is not None:
     if any(v is not None for v in (args.sd, args.unet, args.vae, args.dinov2)):
       raise UserError("--export reads a whole exported folder: give it without"
@@ -84,8 +84,8 @@ def _which_help() -> str:
 
 
 def _run_export(args) -> int:
-  from imprint_jax import checkpoint as ckpt_lib
-  from imprint_jax import interop
+  from imprint_jax.convert import checkpoint as ckpt_lib
+  from imprint_jax.convert import interop
   ckpt = ckpt_lib.resolve(args.ckpt, args.which)
   print(f"using {ckpt_lib.describe(ckpt, ckpt_lib.read_meta(ckpt))}", file=sys.stderr)
   path = interop.export_pretrained(ckpt, args.out, dtypes=tuple(dict.fromkeys(args.dtype)),
@@ -277,7 +277,8 @@ def _run_plan(args) -> int:
     flags = os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
   os.environ["JAX_PLATFORMS"] = "cpu"
-  from imprint_jax.train import plan, run_config
+  from imprint_jax.train import run_config
+  from imprint_jax.parallel import plan
   config = run_config.load(args.config, args.set)
   devices, hbm_gib = None, args.hbm_gib
   if args.topology:
@@ -292,7 +293,7 @@ def _run_plan(args) -> int:
 
 
 def _add_composite(sub) -> None:
-  from imprint_jax import composite_cli
+  from imprint_jax.cli import composite as composite_cli
   p = sub.add_parser("composite", help="composite objects into backgrounds (one image, or a"
                      " JSONL manifest in device batches)")
   composite_cli.add_arguments(p)
@@ -300,7 +301,7 @@ def _add_composite(sub) -> None:
 
 
 def _add_evaluate(sub) -> None:
-  from imprint_jax import evaluate
+  from imprint_jax.evaluation import runner as evaluate
   p = sub.add_parser(
       "evaluate", help="score a checkpoint (or another method's composites) with the paper's"
       " metrics: CLIP, DINO, DreamSim, FID",
@@ -319,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    " composite, export.",
                                    epilog="On the CPU every command but plan runs JAX's"
                                    " computations on the calling thread and keeps freed memory"
-                                   " for reuse (imprint_jax/cpu_runtime.py);"
+                                   " for reuse (imprint_jax/parallel/cpu_runtime.py);"
                                    " IMPRINT_JAX_CPU_RUNTIME=default keeps JAX's and glibc's"
                                    " defaults.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -334,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
   args = parser.parse_args(argv)
   try:
     if args.command != "plan":  # plan sets JAX's environment itself and runs no steps
-      from imprint_jax import cpu_runtime
+      from imprint_jax.parallel import cpu_runtime
       logging.getLogger(__name__).info("%s", cpu_runtime.configure())  # before JAX starts
     return int(args.func(args) or 0)
   except UserError as e:
@@ -345,5 +346,3 @@ def main(argv: list[str] | None = None) -> int:
     return 130
 
 
-if __name__ == "__main__":
-  sys.exit(main())

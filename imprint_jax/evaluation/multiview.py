@@ -175,7 +175,7 @@ def dinov2_encoder(folder: str | os.PathLike, batch_size: int = 16) -> EmbedFn:
 
 def checkpoint_encoder(ckpt: str | os.PathLike, batch_size: int = 16) -> EmbedFn:
   """The DINOv2 of a checkpoint (stage 1's fine-tuned encoder, or any run's)."""
-  from imprint_jax import checkpoint as ckpt_lib
+  from imprint_jax.convert import checkpoint as ckpt_lib
   model, _ = ckpt_lib.load_model(ckpt, dtype="float32")
   return _embed_with(model.dinov2, batch_size)
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from imprint_jax import diffusion, sampling
+from imprint_jax.diffusion import schedules
+from imprint_jax.diffusion import samplers
 from imprint_jax.models.imprint import Imprint, mask_to_latent, vae_factor
 
 
@@ -63,7 +64,7 @@ def _guided(model: Imprint, ctx: jax.Array, guidance: float, extra_in=None):
     ctx_, cond = c
     return model.unet(build(x, cond), t, ctx_)
 
-  return lambda cond: sampling.cfg_denoise_fn(model_fn, (ctx, cond), (null, cond), guidance)
+  return lambda cond: samplers.cfg_denoise_fn(model_fn, (ctx, cond), (null, cond), guidance)
 
 
 def generate_views(model: Imprint, object_BEE3: jax.Array, rng: jax.Array, *, latent_hw: int,
@@ -75,7 +76,7 @@ def generate_views(model: Imprint, object_BEE3: jax.Array, rng: jax.Array, *, la
   c = model.cfg.vae.latent_channels
   x_T = _normal(rng, (b, latent_hw, latent_hw, c))
   denoise = _guided(model, ctx, guidance)(jnp.zeros((b,), jnp.float32))
-  z = sampling.sample(denoise, x_T, num_steps=num_steps, schedule=diffusion.sd_schedule(),
+  z = samplers.sample(denoise, x_T, num_steps=num_steps, schedule=schedules.sd_schedule(),
                       sampler=sampler, prediction_type=prediction_type)
   return decode_latent(model, z)
 
@@ -112,13 +113,13 @@ def composite_latents(model: Imprint, object_BEE3: jax.Array, background_BHW3: j
   elif x_T.shape != z_full.shape:
     raise ValueError(f"initial latents of shape {x_T.shape}; this batch needs {z_full.shape}")
   x_T = x_T.astype(jnp.float32)
-  schedule = diffusion.sd_schedule()
+  schedule = schedules.sd_schedule()
   denoise = _guided(model, ctx, guidance,
                     lambda x, cond: model.unet_input(x, cond[0], cond[1]))((z_bg, m_lat))
 
   def blend_fn(x, t_next):
-    keep = diffusion.add_noise(schedule, z_full, x_T, t_next)
+    keep = schedules.add_noise(schedule, z_full, x_T, t_next)
     return m_lat * x + (1.0 - m_lat) * keep
 
-  return sampling.sample(denoise, x_T, num_steps=num_steps, schedule=schedule, sampler=sampler,
+  return samplers.sample(denoise, x_T, num_steps=num_steps, schedule=schedule, sampler=sampler,
                          prediction_type=prediction_type, blend_fn=blend_fn if blend else None)

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from imprint_jax import checkpoint as ckpt_lib
+from imprint_jax.convert import checkpoint as ckpt_lib
 from imprint_jax import convert
 from imprint_jax.convert import common
 from imprint_jax.convert.common import AtomicDir
@@ -81,7 +81,7 @@ _RUNNER_KEYS = {"data": ("encoder_size", "generator_size", "context"),
 
 
 def scheduler_config(sampler: str, prediction_type: str) -> dict[str, Any]:
-  """diffusers scheduler_config.json matching `imprint_jax.sampling` (SD 1.x/2.x settings)."""
+  """diffusers scheduler_config.json matching `imprint_jax.diffusion.samplers` (SD 1.x/2.x settings)."""
   if sampler not in SCHEDULERS:
     raise UserError(f"sampler {sampler!r}: expected one of {', '.join(SCHEDULERS)}")
   from imprint_jax.convert.vae import DIFFUSERS_VERSION
@@ -181,7 +181,7 @@ def export_pretrained(ckpt: str, out: str, *, dtypes: tuple[str, ...] = (),
             "step": meta.get("step"), "sources": meta.get("sources"),
             "training_config": _split_training_config(meta.get("config") or {})}
     (tmp / "imprint.json").write_text(json.dumps(info, indent=2) + "\n")
-    from imprint_jax import model_card
+    from imprint_jax.convert import model_card
     (tmp / "README.md").write_text(model_card.render(model, meta, index, dtypes, sampler))
   return out
 

@@ -23,7 +23,7 @@ import ml_collections
 
 from imprint_jax.errors import UserError
 from imprint_jax.train import setup as setup_lib
-from imprint_jax.train import sharding
+from imprint_jax.parallel import sharding
 from imprint_jax.train.loop import compile_steps
 
 GIB = 2**30

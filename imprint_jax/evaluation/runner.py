@@ -36,7 +36,7 @@ what is kept.) Parts of the square outside the image are white.
 
 Methods in the table: the model (--ckpt), Paint-by-Example run in-process on the same inputs
 (--baseline paint-by-example --baseline-weights DIR: diffusers' pipeline from a local folder,
-same DDIM steps, guidance and per-pair seeds; `imprint_jax.baselines`), a folder of another
+same DDIM steps, guidance and per-pair seeds; `imprint_jax.evaluation.baselines`), a folder of another
 method's outputs (--images,
 files `<pair_id>.png` - zero padding allowed - each a composite of the record's target crop,
 square, resized to the target's size if needed; `--write-inputs` saves the exact inputs
@@ -69,7 +69,7 @@ from scipy import ndimage
 from imprint_jax.errors import UserError
 
 TESTSETS = ("pixabay", "dreambooth")
-BASELINES = ("paint-by-example",)  # imprint_jax.baselines
+BASELINES = ("paint-by-example",)  # imprint_jax.evaluation.baselines
 COPY_PASTE = "copy-paste"
 WHITE = 255
 # The paper's Table 2 (IMPRINT), for reference in the Markdown table; never measured here.
@@ -357,7 +357,7 @@ def _generate(name: str, generate: GenerateFn, pairs: Sequence[Pair]) -> list[np
 def _identity_scores(suite, testset: str, pairs: Sequence[Pair], outputs: Sequence[np.ndarray],
                      refs: dict[str, Any]) -> dict[str, np.ndarray]:
   """Per-pair CLIP / DINO / DreamSim of the centred object crops vs the reference objects."""
-  from imprint_jax.metrics import cosine_x100
+  from imprint_jax.evaluation.metrics import cosine_x100
   crops = [identity_crop(o, p.box, p.region if testset == "dreambooth" else None)
            for p, o in zip(pairs, outputs)]
   row = {}
@@ -395,7 +395,7 @@ def evaluate(root: str | os.PathLike, testset: str, out: str | os.PathLike,
     The metrics.json content.
   """
   from imprint_jax.convert.common import AtomicDir
-  from imprint_jax.metrics import fid as fid_lib
+  from imprint_jax.evaluation.metrics import fid as fid_lib
   if batch_size < 1:
     raise UserError(f"--batch-size {batch_size}: must be >= 1")
   if mask_level not in (1, 2, 3, 4):
@@ -514,7 +514,7 @@ Writes <out>/metrics.json, metrics.md (table), scores.jsonl (per pair), images/<
 
 def epilog() -> str:
   """Text for the subcommand's --help epilog (use RawDescriptionHelpFormatter)."""
-  from imprint_jax.metrics.fid import CONVERT_INCEPTION
+  from imprint_jax.evaluation.metrics.fid import CONVERT_INCEPTION
   return EPILOG.format(convert=CONVERT_INCEPTION)
 
 
@@ -544,7 +544,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="pixabay, dreambooth (compositing), or multiview: how well the"
                       " encoder keeps one object's views together (nearest-neighbour view"
                       " retrieval, silhouette, t-SNE PNG) for --dinov2 and/or the --ckpt's"
-                      " DINOv2 on a view dataset (`imprint_jax/multiview_eval.py`)")
+                      " DINOv2 on a view dataset (`imprint_jax/evaluation/multiview.py`)")
   parser.add_argument("--dinov2", metavar="DIR", help="multiview: the original DINOv2"
                       " (transformers folder) to compare with the --ckpt's")
   parser.add_argument("--root", required=True, help="test set folder written by `imprint-jax"
@@ -580,7 +580,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       " perturbation and the model's noise, per pair id")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), help="model compute dtype"
                       " (default: bfloat16 on GPU/TPU, float32 on CPU)")
-  from imprint_jax import composite_cli
+  from imprint_jax.cli import composite as composite_cli
   composite_cli.add_memory_arguments(parser)  # --param-dtype, --shard-params
   parser.add_argument("--save-images", action=argparse.BooleanOptionalAction, default=True,
                       help="write every composite to <out>/images/<method>/")
@@ -591,9 +591,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
   """Runs `evaluate` from parsed flags; prints the table. UserError for bad input."""
-  from imprint_jax import metrics
+  from imprint_jax.evaluation import metrics
   if args.testset == "multiview":
-    from imprint_jax import multiview_eval
+    from imprint_jax.evaluation import multiview as multiview_eval
     return multiview_eval.main(args)
   if not args.ckpt and not args.images and not args.baseline:
     raise UserError("give --ckpt (run the model), --baseline NAME and/or --images DIR (score"
@@ -614,7 +614,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"imprint-jax evaluate: {reason}", file=sys.stderr)
   ckpt = None
   if args.ckpt:
-    from imprint_jax import checkpoint as ckpt_lib
+    from imprint_jax.convert import checkpoint as ckpt_lib
     ckpt = ckpt_lib.resolve(args.ckpt, args.which)
     print(f"imprint-jax evaluate: using {ckpt_lib.describe(ckpt, ckpt_lib.read_meta(ckpt))}",
           file=sys.stderr)
@@ -627,7 +627,7 @@ def main(args: argparse.Namespace) -> int:
                                           dtype=args.dtype, param_dtype=args.param_dtype,
                                           shard_params=args.shard_params), **methods}
   if args.baseline:
-    from imprint_jax import baselines
+    from imprint_jax.evaluation import baselines
     if args.baseline in methods:
       raise UserError(f"--name {args.baseline} is the baseline's row; give the --images method"
                       " another --name")

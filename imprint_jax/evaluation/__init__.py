@@ -1,0 +1,2 @@
+"""Evaluation: metric networks (`metrics`), the benchmark runner (`runner`), the multi-view test
+set (`multiview`) and baselines (`baselines`)."""
