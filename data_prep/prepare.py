@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from imprint_jax.errors import UserError
-from imprint_jax.data_prep import crops
+from imprint_jax.data import crops
 from imprint_jax.data_prep import shards
 from imprint_jax.data import schema
 from imprint_jax.data_prep.readers import READERS

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from imprint_jax.data_prep import crops, prepare, shards, synthetic
+from imprint_jax.data import crops, prepare, shards, synthetic
 from imprint_jax.data_prep.readers import READERS
 from imprint_jax.data_prep.readers import common
 from imprint_jax.data import schema

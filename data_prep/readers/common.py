@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from imprint_jax.data_prep.crops import BadFile
+from imprint_jax.data.crops import BadFile
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
 

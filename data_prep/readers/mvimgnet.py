@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from imprint_jax.errors import UserError
-from imprint_jax.data_prep.crops import BadFile
+from imprint_jax.data.crops import BadFile
 from imprint_jax.data_prep.readers import common
 
 NAME = "mvimgnet"

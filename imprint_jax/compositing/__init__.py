@@ -10,14 +10,14 @@ jitted call; the host pastes each crop back into its background at full resoluti
      flattened onto white.
   2. Object: segmented by `object_mask`, else by its alpha channel (alpha >= 128), else the
      whole image is the object; pixels outside are set to `schema.OBJECT_FILL` (white), the
-     box is centred on a white square and resized to E x E (`data_prep.crops.object_crop`,
+     box is centred on a white square and resized to E x E (`data.crops.object_crop`,
      exactly as the training pairs were made), ImageNet-normalised for DINOv2.
   3. Generation region (shape guidance, full resolution): a mask as given (level 1), or that
      mask coarsened to level 2..4 with `data.masks.coarse_mask` (seeded by the job's seed), or
      a box (level 4). Masks: a pixel is in when its brightest channel (times its alpha) is
      >= 128, or non-zero when the file only holds 0/1 values.
   4. Target crop: the square window of side context x (the mask box's longer side), shifted
-     inside the frame (`data_prep.crops.target_window`/`target_crop`, context 2.0 as in
+     inside the frame (`data.crops.target_window`/`target_crop`, context 2.0 as in
      training), resized to G x G (Lanczos; the region bilinearly, thresholded at half).
   5. Device: `generate.composite_latents` (classifier-free guidance, background latent
      blending at every step) + VAE decode, all rows of a batch at once, sharded over the local
@@ -56,7 +56,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image, ImageOps, UnidentifiedImageError
 from scipy import ndimage
 
-from imprint_jax.data_prep import crops
+from imprint_jax.data import crops
 from imprint_jax.convert import checkpoint as ckpt_lib
 from imprint_jax.parallel import cpu_runtime
 from imprint_jax.diffusion import generate

@@ -154,7 +154,7 @@ def _load_mask(src: ImageLike, role: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Crops (as data_prep.crops, which made the training pairs).
+# Crops (as imprint_jax.data.crops, which made the training pairs).
 
 
 def _bbox(mask: np.ndarray) -> tuple[int, int, int, int] | None:

@@ -118,7 +118,7 @@ def check_kind(rec: dict[str, Any], testset: str) -> None:
 
 def make_pair(rec: dict[str, Any], testset: str, *, mask_level: int = 4, seed: int = 0) -> Pair:
   """A decoded record -> a test pair under the test set's protocol (see module docstring)."""
-  from imprint_jax.data_prep import crops
+  from imprint_jax.data import crops
   from imprint_jax.data import augment, masks
   pair_id, kind = int(rec["pair_id"]), rec["kind"]
   where = f"pair_id {pair_id} ({rec.get('target_id', '?')})"
@@ -223,7 +223,7 @@ def erase_region(image: np.ndarray, region: np.ndarray) -> np.ndarray:
 
 def copy_paste(pair: Pair, erase: bool) -> np.ndarray:
   """The object's pixels pasted into the region's box, aspect-fit and centred, (G, G, 3)."""
-  from imprint_jax.data_prep import crops
+  from imprint_jax.data import crops
   out = erase_region(pair.background, pair.region) if erase else pair.background.copy()
   obj_box = crops.bbox(pair.object_mask[..., 0] > 0)
   if obj_box is None:
