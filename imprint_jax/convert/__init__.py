@@ -22,7 +22,7 @@ from imprint_jax.convert.vae import load_vae, save_vae
 def load_export(folder):
   """An `imprint-jax export` folder -> (Imprint, checkpoint metadata); see
   `imprint_jax.convert.interop.load_export` (bit-exact float32 weights, runner settings)."""
-  from imprint_jax import interop  # interop imports this package
+  from imprint_jax.convert import interop  # interop imports this package's converters
   return interop.load_export(folder)
 
 
