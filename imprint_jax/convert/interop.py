@@ -14,6 +14,7 @@ reads one back, bit for bit. What a runner needs is recorded once and read by bo
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -115,8 +116,9 @@ def _split_training_config(config: dict[str, Any]) -> dict[str, Any]:
   return rest
 
 
-def _source_dir() -> Path:
-  return Path(__file__).resolve().parent
+def _shipped_file(module: str) -> Path:
+  """The source of a module that an export carries (found without importing it: it needs torch)."""
+  return Path(importlib.util.find_spec(f"imprint_jax.{module}").origin)
 
 
 def export_pretrained(ckpt: str, out: str, *, dtypes: tuple[str, ...] = (),
@@ -147,8 +149,8 @@ def export_pretrained(ckpt: str, out: str, *, dtypes: tuple[str, ...] = (),
     convert.save_vae(model.vae, tmp / "vae")
     convert.save_dinov2(model.dinov2, tmp / "image_encoder")
     convert.save_adapter(model.adapter, tmp / "adapter")
-    shutil.copyfile(_source_dir() / f"{ADAPTER_FILE}.py", tmp / "adapter" / f"{ADAPTER_FILE}.py")
-    shutil.copyfile(_source_dir() / f"{PIPELINE_FILE}.py", tmp / f"{PIPELINE_FILE}.py")
+    shutil.copyfile(_shipped_file(ADAPTER_FILE), tmp / "adapter" / f"{ADAPTER_FILE}.py")
+    shutil.copyfile(_shipped_file(f"convert.{PIPELINE_FILE}"), tmp / f"{PIPELINE_FILE}.py")
     for d in dtypes:
       for sub, stem in (("unet", "diffusion_pytorch_model"), ("vae", "diffusion_pytorch_model"),
                         ("adapter", "diffusion_pytorch_model"), ("image_encoder", "model")):
