@@ -39,6 +39,7 @@ from imprint_jax.compositing.jobs import (DEFAULT_CONTEXT, DEFAULT_ENCODER_SIZE,
 from imprint_jax.compositing.paste import grid, paste, region_overlay
 from imprint_jax.compositing.placement import (load_placed, param_shardings, place_params,
                                                state_bytes)
+from imprint_jax.convert.checkpoint import settings_from_meta
 from imprint_jax.diffusion import samplers
 from imprint_jax.errors import UserError
 from imprint_jax.models.imprint import Imprint, vae_factor
@@ -164,18 +165,6 @@ def check_sampling(steps: int, guidance: float, sampler: str) -> None:
   if not (isinstance(guidance, (int, float, np.floating)) and math.isfinite(guidance)
           and guidance >= 0):
     raise UserError(f"guidance {guidance!r}: expected a number >= 0 (1 = no guidance)")
-
-
-def settings_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
-  """encoder_size, generator_size, context and prediction_type recorded in a checkpoint's
-  metadata (training writes its run config under 'config'); defaults where absent."""
-  config = meta.get("config") or {}
-  data = config.get("data") or {}
-  train = config.get("train") or {}
-  return {"encoder_size": int(data.get("encoder_size", DEFAULT_ENCODER_SIZE)),
-          "generator_size": int(data.get("generator_size", DEFAULT_GENERATOR_SIZE)),
-          "context": float(data.get("context", DEFAULT_CONTEXT)),
-          "prediction_type": str(train.get("prediction_type", "epsilon"))}
 
 
 def composite(model: Imprint | Compositor | str | os.PathLike, object_image: ImageLike,

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from imprint_jax.compositing.io import ImageLike, describe, flatten_on_white, load_image, load_mask
+from imprint_jax.convert.checkpoint import (DEFAULT_CONTEXT, DEFAULT_ENCODER_SIZE,
+                                            DEFAULT_GENERATOR_SIZE)
 from imprint_jax.data import crops
 from imprint_jax.data import masks as masks_lib
 from imprint_jax.data.pipeline import normalize_object, normalize_target
@@ -30,9 +32,6 @@ from imprint_jax.errors import UserError
 
 Box = tuple[int, int, int, int]
 
-DEFAULT_ENCODER_SIZE = 224
-DEFAULT_GENERATOR_SIZE = 512
-DEFAULT_CONTEXT = 2.0
 FEATHER_FRACTION = 0.02
 MIN_FEATHER = 3.0
 MAX_SEED = 2 ** 32
