@@ -9,6 +9,7 @@ Classifier-free guidance at scale 1 equalling the conditional prediction is test
 level: tests/test_sampling.py::test_cfg_at_scale_one_is_the_conditional_prediction.
 """
 
+import contextlib
 import json
 import struct
 import zlib
@@ -25,6 +26,7 @@ from scipy import ndimage
 from imprint_jax.convert import checkpoint as ckpt_lib
 from imprint_jax.cli import composite as composite_cli
 from imprint_jax import compositing
+from imprint_jax.compositing import engine
 from imprint_jax.data import schema
 from imprint_jax.errors import UserError
 from imprint_jax.models.adapter import AdapterConfig
@@ -143,6 +145,25 @@ def test_per_element_keys_draw_each_row_alone():
                                 jax.random.normal(one, (3, 4, 4, 2)))
 
 
+@contextlib.contextmanager
+def _traces():
+  """Collects the traces of the engine's batch program (`composite_batch`) inside the block,
+  from jax.monitoring's trace event; the program is cached process-wide, so a new Compositor
+  of the same architecture (e.g. the CLI's) traces nothing for a batch shape seen before."""
+  seen = []
+
+  def listen(event, duration, **kw):
+    if event == "/jax/core/compile/jaxpr_trace_duration" and kw.get("fun_name") == (
+        "composite_batch"):
+      seen.append(duration)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield seen
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
 def _far_from(region: np.ndarray, feather: float) -> np.ndarray:
   """Pixels farther than `feather` from the region (Euclidean, pixel centres)."""
   return ndimage.distance_transform_edt(~region) > feather
@@ -150,12 +171,12 @@ def _far_from(region: np.ndarray, feather: float) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def first(comp, files):
-  """One composite (2 samples, seed 3) and the trace count around it and a repeat."""
+  """One composite (2 samples, seed 3), a repeat, and the traces of the repeat."""
   kw = dict(mask=files["mask"], steps=STEPS, guidance=5.0, seed=3, num_samples=2)
   out1 = compositing.composite(comp, files["obj"], files["bg"], **kw)
-  traces = compositing.TRACE_COUNT["n"]
-  out2 = compositing.composite(comp, files["obj"], files["bg"], **kw)
-  return {"out1": out1, "out2": out2, "traces": (traces, compositing.TRACE_COUNT["n"]),
+  with _traces() as traces:
+    out2 = compositing.composite(comp, files["obj"], files["bg"], **kw)
+  return {"out1": out1, "out2": out2, "retraces": len(traces),
           "job": comp.prepare(files["obj"], files["bg"], mask=files["mask"], seed=3)}
 
 
@@ -168,8 +189,22 @@ def test_same_seed_same_output_without_retracing(first, files):
   # Two samples of one job differ (noise fold_in(seed, k)) inside the region.
   region = _region_mask()
   assert (out1[0][region] != out1[1][region]).mean() > 0.5
-  before, after = first["traces"]
-  assert after == before, "the second call with the same shapes retraced"
+  assert first["retraces"] == 0, "the second call with the same shapes retraced"
+
+
+def test_trace_count_sees_a_new_batch_shape(comp):
+  """The retrace checks count real traces: a batch shape no test runs traces the program once
+  (lowered only, not compiled)."""
+  fn = engine.program(comp.graphdef, comp.mesh, STEPS, "ddim", comp.prediction_type, True)
+  b = 3 * comp.num_devices
+
+  def arg(*shape, dtype=jnp.float32):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+  with _traces() as traces:
+    fn.lower(comp.state, arg(b, E, E, 3), arg(b, G, G, 3), arg(b, G, G, 1),
+             arg(b, dtype=jnp.uint32), arg(b, dtype=jnp.uint32), arg(), arg())
+  assert len(traces) == 1
 
 
 def test_background_is_exact_beyond_the_feather(first, files):
@@ -216,9 +251,9 @@ def test_box_and_every_mask_level_in_one_batch(comp, files, first):
           for level in (1, 2, 3, 4)]
   box = (30, 15, 80, 75)
   jobs.append(comp.prepare(files["obj"], files["bg"], box=box, seed=5))
-  traces = compositing.TRACE_COUNT["n"]
-  results = comp.run(jobs, steps=STEPS, guidance=5.0, batch_size=8)
-  assert compositing.TRACE_COUNT["n"] == traces  # same batch shape: no new trace
+  with _traces() as traces:
+    results = comp.run(jobs, steps=STEPS, guidance=5.0, batch_size=8)
+  assert not traces  # same batch shape: no new trace
   regions = [j.region for j in jobs]
   ys, xs = np.nonzero(mask)
   tight = np.zeros_like(mask)
@@ -337,14 +372,14 @@ def _args(*argv):
 
 def test_cli_single_writes_the_library_result(ckpts, files, first, tmp_path):
   out = tmp_path / "out" / "result.png"
-  traces = compositing.TRACE_COUNT["n"]
-  code = composite_cli.main(_args("--ckpt", ckpts["stage2"], "--object", files["obj"],
-                                  "--background", files["bg"], "--mask", files["mask"],
-                                  "--out", out, "--steps", STEPS, "--seed", 3,
-                                  "--num-samples", 2))
+  with _traces() as traces:
+    code = composite_cli.main(_args("--ckpt", ckpts["stage2"], "--object", files["obj"],
+                                    "--background", files["bg"], "--mask", files["mask"],
+                                    "--out", out, "--steps", STEPS, "--seed", 3,
+                                    "--num-samples", 2))
   assert code == 0
   # The loaded model has the in-memory one's architecture: the compiled sampler is reused.
-  assert compositing.TRACE_COUNT["n"] == traces
+  assert not traces
   assert not out.exists()
   for k in range(2):
     written = np.asarray(Image.open(tmp_path / "out" / f"result_{k}.png"))
@@ -389,10 +424,10 @@ def test_cli_batch_mode_resumes_and_reports_bad_jobs(ckpts, files, first, tmp_pa
 
   # Resume: finished jobs are skipped (files untouched), failed ones retried.
   stamps = {p.name: p.stat().st_mtime_ns for p in out_dir.glob("*.png")}
-  traces = compositing.TRACE_COUNT["n"]
-  assert composite_cli.main(_args(*argv)) == 1
+  with _traces() as traces:
+    assert composite_cli.main(_args(*argv)) == 1
   assert {p.name: p.stat().st_mtime_ns for p in out_dir.glob("*.png")} == stamps
-  assert compositing.TRACE_COUNT["n"] == traces
+  assert not traces
   retried = _status(out_dir)[4:]
   assert sorted(r["id"] for r in retried) == ["000004", "missing"]
 
@@ -496,13 +531,13 @@ def test_sharded_params_give_the_replicated_composite(ckpts, files, first, tmp_p
   for a, b in zip(out, first["out1"]):
     np.testing.assert_array_equal(a, b)
   # The same through the CLI flag (the compiled sampler of `split` is reused).
-  traces = compositing.TRACE_COUNT["n"]
   path = tmp_path / "r.png"
-  assert composite_cli.main(_args("--ckpt", ckpts["stage2"], "--object", files["obj"],
-                                  "--background", files["bg"], "--mask", files["mask"],
-                                  "--out", path, "--steps", STEPS, "--seed", 3,
-                                  "--shard-params", "always")) == 0
-  assert compositing.TRACE_COUNT["n"] == traces
+  with _traces() as traces:
+    assert composite_cli.main(_args("--ckpt", ckpts["stage2"], "--object", files["obj"],
+                                    "--background", files["bg"], "--mask", files["mask"],
+                                    "--out", path, "--steps", STEPS, "--seed", 3,
+                                    "--shard-params", "always")) == 0
+  assert not traces
   np.testing.assert_array_equal(np.asarray(Image.open(path)), first["out1"][0])
 
 

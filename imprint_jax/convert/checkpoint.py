@@ -34,6 +34,11 @@ from imprint_jax.models.imprint import Imprint, ImprintConfig
 from imprint_jax.models import layers
 
 CHECKPOINTS_DIR = "checkpoints"
+# The sizes a stage-2 model runs at when its metadata records none (the paper's): DINOv2's
+# input E, the generator's crop G, and the target window's side over the region's box.
+DEFAULT_ENCODER_SIZE = 224
+DEFAULT_GENERATOR_SIZE = 512
+DEFAULT_CONTEXT = 2.0
 
 log = logging.getLogger("imprint_jax")
 
@@ -142,6 +147,18 @@ def read_meta(ckpt: str | os.PathLike, which: str | int = "latest") -> dict[str,
       return ck.restore(ckpt, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except (FileNotFoundError, ValueError) as e:
       raise UserError(f"{ckpt}: unreadable checkpoint metadata ({e})") from None
+
+
+def settings_from_meta(meta: dict[str, Any]) -> dict[str, Any]:
+  """encoder_size, generator_size, context and prediction_type recorded in a checkpoint's
+  metadata (training writes its run config under 'config'); defaults where absent."""
+  config = meta.get("config") or {}
+  data = config.get("data") or {}
+  train = config.get("train") or {}
+  return {"encoder_size": int(data.get("encoder_size", DEFAULT_ENCODER_SIZE)),
+          "generator_size": int(data.get("generator_size", DEFAULT_GENERATOR_SIZE)),
+          "context": float(data.get("context", DEFAULT_CONTEXT)),
+          "prediction_type": str(train.get("prediction_type", "epsilon"))}
 
 
 def save_model(path: str | os.PathLike, model: Imprint, meta: dict[str, Any]) -> epath.Path:

@@ -132,14 +132,13 @@ def export_pretrained(ckpt: str, out: str, *, dtypes: tuple[str, ...] = (),
   components (their pipeline refuses to run: the UNet lacks the 9 input channels). `sampler`
   (default: the one an imported export recorded, else 'ddim') picks scheduler/.
   """
-  from imprint_jax import compositing
   for d in dtypes:
     if d not in VARIANTS:
       raise UserError(f"--dtype {d}: expected float16 or bfloat16 (float32 is always written)")
   if sampler is not None and sampler not in SCHEDULERS:
     raise UserError(f"--sampler {sampler}: expected one of {', '.join(SCHEDULERS)}")
   model, meta = ckpt_lib.load_model(ckpt)
-  settings = compositing.settings_from_meta(meta)
+  settings = ckpt_lib.settings_from_meta(meta)
   pipeline = meta.get("pipeline") or {}  # an imported export's defaults
   sampler = sampler or pipeline.get("sampler", "ddim")
   out = Path(out)

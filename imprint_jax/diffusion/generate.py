@@ -14,8 +14,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from imprint_jax.diffusion import schedules
+from imprint_jax.diffusion import blending
 from imprint_jax.diffusion import samplers
+from imprint_jax.diffusion import schedules
 from imprint_jax.models.imprint import Imprint, mask_to_latent, vae_factor
 
 
@@ -93,10 +94,9 @@ def composite_latents(model: Imprint, object_BEE3: jax.Array, background_BHW3: j
       everywhere, including under the mask).
     mask_BHW1: generation region in {0, 1}.
     rng: noise keys (see the module docstring); unused when `x_T` is given.
-    blend: background latent blending: after every step, the latent outside the mask is
-      replaced by the background's latent noised to the step's level with the initial noise
-      x_T (as diffusers' inpainting pipelines do), so the background is kept and the model
-      only has to make the region and its seam consistent.
+    blend: background latent blending (`blending.latent_blend_fn`): after every step, the
+      latent outside the mask is replaced by the background's latent noised to the step's
+      level with the initial noise x_T, so the background is kept.
     x_T: optional initial noise (B, h, w, C) (e.g. to reproduce a PyTorch run); default
       drawn from `rng`.
 
@@ -117,9 +117,6 @@ def composite_latents(model: Imprint, object_BEE3: jax.Array, background_BHW3: j
   denoise = _guided(model, ctx, guidance,
                     lambda x, cond: model.unet_input(x, cond[0], cond[1]))((z_bg, m_lat))
 
-  def blend_fn(x, t_next):
-    keep = schedules.add_noise(schedule, z_full, x_T, t_next)
-    return m_lat * x + (1.0 - m_lat) * keep
-
+  blend_fn = blending.latent_blend_fn(schedule, z_full, x_T, m_lat) if blend else None
   return samplers.sample(denoise, x_T, num_steps=num_steps, schedule=schedule, sampler=sampler,
-                         prediction_type=prediction_type, blend_fn=blend_fn if blend else None)
+                         prediction_type=prediction_type, blend_fn=blend_fn)
