@@ -259,16 +259,18 @@ def _result(c: Counter, train: bool) -> StepFlops:
 
 
 def train_step(cfg: ImprintConfig, stage: int, batch: int, encoder_size: int,
-               generator_size: int, object_tokens: bool = False) -> StepFlops:
+               generator_size: int, object_tokens: bool = False,
+               latents: bool = False) -> StepFlops:
   """Model FLOPs of one training step on `batch` pairs.
 
   stage 1 trains DINOv2, the adapter and the UNet decoder (up blocks, conv_norm_out,
   conv_out) and encodes the target with the VAE; stage 2 trains the adapter and the whole
   UNet (DINOv2 frozen) and encodes the target and the masked target; with `object_tokens`
-  (stage 2 on precomputed tokens) it does not run DINOv2.
+  (stage 2 on precomputed tokens) it does not run DINOv2, with `latents` (stage 2 on
+  precomputed VAE posteriors) not the VAE encoder.
   """
   c = Counter()
-  for _ in range(stage):  # stage 2 also encodes the masked background
+  for _ in range(0 if latents else stage):  # stage 2 also encodes the masked background
     vae_encode(c, cfg.vae, batch, generator_size)
   tok = False if object_tokens else dinov2(c, cfg.dinov2, batch, encoder_size,
                                            trained=stage == 1)
@@ -321,6 +323,11 @@ def main(argv=None) -> None:
     parts = ", ".join(f"{k} {v / 1e12:.2f}" for k, v in s.by_part.items())
     print(f"stage {stage} training step, batch {args.batch}: {s.total / 1e12:.2f} TFLOP"
           f" ({parts})")
+  s = train_step(dataclasses.replace(cfg, unet=cfg.unet.replace(in_channels=9)), 2, args.batch,
+                 224, 512, object_tokens=True, latents=True)
+  parts = ", ".join(f"{k} {v / 1e12:.2f}" for k, v in s.by_part.items())
+  print(f"stage 2 training step on cached latents and tokens, batch {args.batch}:"
+        f" {s.total / 1e12:.2f} TFLOP ({parts})")
   s = composite(dataclasses.replace(cfg, unet=cfg.unet.replace(in_channels=9)), args.batch,
                 224, 512, 50)
   print(f"composite, batch {args.batch}, 50 DDIM steps with CFG: {s.total / 1e12:.2f} TFLOP")

@@ -1,6 +1,7 @@
 """Training-step speed and memory: our JAX step against the same step in PyTorch.
 
   .venv/bin/python benchmarks/train_step.py                         # CPU scale, both stages
+  .venv/bin/python benchmarks/train_step.py --inputs latents        # stage 2, cached inputs
   .venv/bin/python benchmarks/train_step.py --scale real --batch 8  # SD 1.5 + ViT-g, GPU/TPU
 
 Ours: `imprint_jax.train.setup.build` + `init_state` + `loop.compile_steps` (the AOT-compiled,
@@ -14,6 +15,25 @@ the same trainable parts (stage 1: DINOv2 + adapter + UNet up blocks/conv_norm_o
 stage 2: adapter + whole UNet, DINOv2 frozen); float32 on CPU, bf16 compute on accelerators
 (JAX: the config's compute dtype; torch: autocast). Both see the same random batch, resident
 on the device. Steps alternate (JAX, torch, JAX, ...) after warm-up; medians are reported.
+
+`--inputs` picks what a stage-2 batch holds, as the trainer's data options do:
+  pixels   object image, target, mask, masked target (both sides run DINOv2 and twice the VAE
+           encoder);
+  tokens   precomputed DINOv2 tokens instead of the object image (`data.object_tokens`): no
+           DINOv2 in the step;
+  latents  precomputed tokens and VAE posteriors (`data.object_tokens` + `data.latents`): the
+           batch holds the tokens, the target's and the masked background's posterior moments
+           (float16 [mean, logvar], as `imprint_jax.data.latent_store` stores them) and the
+           latent-resolution mask; no DINOv2 and no VAE in the step, which is then the adapter
+           and the UNet forward + backward, the latent draws, the loss and the update. Torch
+           draws its latents from the same moments (z = (mean + exp(logvar / 2) eps) x the
+           VAE's scaling factor).
+The cached inputs are random (timing only); the JAX side's config points at temporary folders
+holding only the manifests, so `setup.build` takes the trainer's cached-input path and
+checks them. The frozen DINOv2 and VAE stay in both sides' memory (the trainer's state holds
+them too).
+`--torch-compile` runs the torch side's UNet and adapter through `torch.compile` (default
+mode; its compilation happens in the warm-up steps), the rows then read torch.compile.
 
 Model FLOPs per step come from `benchmarks/flops.py` (the counting rule is in its docstring);
 MFU divides the achieved rate by the device's dense bf16 peak (n/a on CPU). Peak memory:
@@ -69,7 +89,8 @@ class JaxStep:
 class TorchStep:
   """The same step in PyTorch (see the module docstring)."""
 
-  def __init__(self, c, model_cfg, batch_np: dict, device, dtype: str):
+  def __init__(self, c, model_cfg, batch_np: dict, device, dtype: str,
+               compile_: bool = False):
     import torch
     import torch.nn.functional as F
 
@@ -80,6 +101,9 @@ class TorchStep:
     self.device, self.dtype, self.stage = device, dtype, c.stage
     self.dino, self.adapter, self.unet, self.vae = common.torch_models(model_cfg, device)
     self.vae.requires_grad_(False)
+    # The modules the loss calls: compiled wrappers sharing the parameters, or the modules.
+    self.adapter_fn = torch.compile(self.adapter) if compile_ else self.adapter
+    self.unet_fn = torch.compile(self.unet) if compile_ else self.unet
     trained = {k for k, v in optim.schedules_from_config(c.components.to_dict()).items()
                if v is not None}
     groups: dict[str, list] = {"dinov2": [], "adapter": [], "unet_decoder": [],
@@ -116,21 +140,26 @@ class TorchStep:
   def loss(self):
     import torch
     F, b = self.F, self.batch
-    B = b["target"].shape[0]
+    B = next(iter(b.values())).shape[0]
     with common.autocast(self.device, self.dtype):
       with torch.no_grad():
-        z0 = self.vae.encode(b["target"]).latent_dist.sample() * self.scaling
-        if self.stage == 2:
-          z_bg = self.vae.encode(b["masked_target"]).latent_dist.sample() * self.scaling
-          m_lat = F.max_pool2d(b["mask"], self.factor)
-      if "object_tokens" in b:  # precomputed (--object-tokens)
+        if "target_moments" in b:  # cached VAE posteriors (--inputs latents)
+          z0 = self.sample(b["target_moments"])
+          z_bg = self.sample(b["masked_target_moments"])
+          m_lat = b["mask_latent"]
+        else:
+          z0 = self.vae.encode(b["target"]).latent_dist.sample() * self.scaling
+          if self.stage == 2:
+            z_bg = self.vae.encode(b["masked_target"]).latent_dist.sample() * self.scaling
+            m_lat = F.max_pool2d(b["mask"], self.factor)
+      if "object_tokens" in b:  # precomputed (--inputs tokens or latents)
         tokens = b["object_tokens"]
       elif self.dino_trained:
         tokens = self.dino(pixel_values=b["object"]).last_hidden_state
       else:
         with torch.no_grad():
           tokens = self.dino(pixel_values=b["object"]).last_hidden_state
-      ctx = self.adapter(tokens)
+      ctx = self.adapter_fn(tokens)
       drop = torch.rand(B, device=self.device) < self.p_drop
       ctx = torch.where(drop[:, None, None], self.adapter.null(B, ctx.shape[1]).to(ctx.dtype),
                         ctx)
@@ -140,8 +169,14 @@ class TorchStep:
       x_t = a.sqrt() * z0 + (1 - a).sqrt() * noise
       if self.stage == 2:
         x_t = torch.cat([x_t, z_bg.to(x_t.dtype), m_lat.to(x_t.dtype)], dim=1)
-      pred = self.unet(x_t, t, ctx).sample
+      pred = self.unet_fn(x_t, t, ctx).sample
     return F.mse_loss(pred.float(), noise.float())
+
+  def sample(self, moments_NCHW):
+    """A scaled latent drawn from cached [mean, logvar] moments (as the JAX step does)."""
+    import torch
+    mean, logvar = moments_NCHW.float().chunk(2, dim=1)
+    return (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * self.scaling
 
   def step(self):
     import torch
@@ -160,6 +195,78 @@ class TorchStep:
     common.torch_sync(self.device)
 
 
+INPUTS = ("pixels", "tokens", "latents")
+
+
+def cached_inputs(batch_np: dict, inputs: str, model_cfg, sc: common.Scale, seed: int) -> dict:
+  """A stage-2 pixel batch (`common.random_batch`) -> the batch the trainer's step gets with
+  cached inputs (see the module docstring): random float16 DINOv2 tokens in place of the
+  object (tokens, latents), random float16 posterior moments of the target and the masked
+  background and the max-pooled mask in place of the images and the mask (latents)."""
+  import numpy as np
+
+  from imprint_jax.data import latent_store, token_store
+  from imprint_jax.models.dinov2 import num_tokens
+  from imprint_jax.models.imprint import vae_factor
+  if inputs == "pixels":
+    return batch_np
+  rng = np.random.default_rng(seed + 1)
+  out = dict(batch_np)
+  B, d = len(out["object"]), model_cfg.dinov2
+  out["object_tokens"] = rng.standard_normal(
+      (B, num_tokens(d, sc.encoder_size, sc.encoder_size), d.hidden_size),
+      np.float32).astype(token_store.DTYPE)
+  del out["object"]
+  if inputs == "latents":
+    f = vae_factor(model_cfg.vae)
+    h, ch = sc.generator_size // f, model_cfg.vae.latent_channels
+
+    def moments():  # [mean, logvar] on channels; logvar in the SD VAE's usual range
+      return np.concatenate([rng.standard_normal((B, h, h, ch), np.float32),
+                             rng.uniform(-8.0, -2.0, (B, h, h, ch)).astype(np.float32)],
+                            axis=-1).astype(latent_store.DTYPE)
+
+    out["target_moments"] = moments()
+    out["masked_target_moments"] = moments()
+    out["mask_latent"] = np.stack([latent_store.latent_mask(m, f) for m in out["mask"]])
+    for k in ("target", "masked_target", "mask"):
+      del out[k]
+  return out
+
+
+def cache_folders(c, model_cfg, sc: common.Scale, inputs: str) -> None:
+  """Points `c.data.object_tokens` (tokens, latents) and `c.data.latents` (latents) at
+  temporary folders holding a store's manifest, removed at exit: enough for `setup.build`,
+  which checks the manifests against the run, to compile the trainer's cached-input step."""
+  import atexit
+  import shutil
+  import tempfile
+
+  from imprint_jax.data import latent_store, token_store
+  from imprint_jax.models.dinov2 import num_tokens
+  from imprint_jax.models.imprint import vae_factor
+
+  def folder(what):
+    path = tempfile.mkdtemp(prefix=f"imprint-bench-{what}-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+  if inputs == "pixels":
+    return
+  d = model_cfg.dinov2
+  c.data.object_tokens = folder("tokens")
+  token_store.write_manifest(c.data.object_tokens, encoder_size=sc.encoder_size, variants=1,
+                             tokens=num_tokens(d, sc.encoder_size, sc.encoder_size),
+                             width=d.hidden_size)
+  if inputs == "latents":
+    h = sc.generator_size // vae_factor(model_cfg.vae)
+    c.data.latents = folder("latents")
+    latent_store.write_manifest(
+        c.data.latents, generator_size=sc.generator_size,
+        latent=(h, h, 2 * model_cfg.vae.latent_channels),
+        levels=latent_store.variant_levels(tuple(c.data.mask_level_probs), 1))
+
+
 def measure(stage: int, args, sc: common.Scale, jax_device, torch_device, dtype: str,
             remat: str) -> dict:
   """Builds both steps of one stage, times them alternately, measures memory."""
@@ -170,33 +277,20 @@ def measure(stage: int, args, sc: common.Scale, jax_device, torch_device, dtype:
   c = common.run_config(sc, stage, batch=args.batch, dtype=dtype, remat=remat)
   c.seed = args.seed
   model_cfg = setup_lib.model_config(c)
-  batch_np = common.random_batch(stage, args.batch, sc.encoder_size, sc.generator_size,
-                                 args.seed)
-  tokens = stage == 2 and args.object_tokens
-  if tokens:  # both sides read precomputed tokens: random ones (timing only), no DINOv2
-    import atexit
-    import shutil
-    import tempfile
-
-    from imprint_jax.data import token_store
-    from imprint_jax.models.dinov2 import num_tokens
-    d = model_cfg.dinov2
-    shape = (args.batch, num_tokens(d, sc.encoder_size, sc.encoder_size), d.hidden_size)
-    batch_np["object_tokens"] = np.random.default_rng(args.seed).standard_normal(
-        shape, np.float32).astype(token_store.DTYPE)
-    del batch_np["object"]
-    c.data.object_tokens = tempfile.mkdtemp(prefix="imprint-bench-tokens-")
-    atexit.register(shutil.rmtree, c.data.object_tokens, True)
-    token_store.write_manifest(c.data.object_tokens, encoder_size=sc.encoder_size,
-                               variants=1, tokens=shape[1], width=shape[2])
+  inputs = args.inputs if stage == 2 else "pixels"
+  batch_np = cached_inputs(common.random_batch(stage, args.batch, sc.encoder_size,
+                                               sc.generator_size, args.seed),
+                           inputs, model_cfg, sc, args.seed)
+  cache_folders(c, model_cfg, sc, inputs)
   undo = common.scope_model_parts() if args.profile else None
   try:
     jax_step = JaxStep(c, batch_np, jax_device)
   finally:
     if undo:
       undo()
-  torch_step = TorchStep(c, model_cfg, batch_np, torch_device, dtype)
-  print(f"stage {stage}: JAX state initialised in {jax_step.init_s:.0f} s and step compiled in"
+  torch_step = TorchStep(c, model_cfg, batch_np, torch_device, dtype, args.torch_compile)
+  label = f"stage {stage}" + ("" if inputs == "pixels" else f" ({inputs})")
+  print(f"{label}: JAX state initialised in {jax_step.init_s:.0f} s and step compiled in"
         f" {jax_step.compile_s:.0f} s; torch step built in {torch_step.build_s:.0f} s",
         flush=True)
   fns = {"jax": jax_step, "torch": torch_step}
@@ -213,20 +307,23 @@ def measure(stage: int, args, sc: common.Scale, jax_device, torch_device, dtype:
         [torch_step.dino, torch_step.adapter, torch_step.unet, torch_step.vae, torch_step.opt,
          *torch_step.batch.values()])
   f = flops.train_step(model_cfg, stage, args.batch, sc.encoder_size, sc.generator_size,
-                       object_tokens=tokens)
-  out = {"stage": stage, "times": times, "mem": mem, "planned": jax_step.planned_bytes,
+                       object_tokens=inputs != "pixels", latents=inputs == "latents")
+  out = {"stage": stage, "label": label, "inputs": inputs,
+         "torch_name": "torch.compile" if args.torch_compile else "torch",
+         "times": times, "mem": mem, "planned": jax_step.planned_bytes,
          "memory_line": common.xla_memory_line(jax_step.compiled),
-         "flops": f, "losses": losses,
+         "flops": f, "losses": losses, "jax_inputs": sorted(jax_step.batch),
          "build_s": {"jax": jax_step.build_s, "torch": torch_step.build_s}}
   if args.trace:
     # A jax.profiler trace of a few of our steps (TensorBoard's profile plugin or xprof reads
     # it): on accelerators, which op dominates the step.
     import jax
-    trace_dir = Path(args.trace) / f"stage{stage}"
+    trace_dir = Path(args.trace) / (f"stage{stage}" + ("" if inputs == "pixels" else
+                                                        f"_{inputs}"))
     with jax.profiler.trace(str(trace_dir)):
       for _ in range(3):
         jax_step()
-    print(f"stage {stage}: jax.profiler trace of 3 steps in {trace_dir}", flush=True)
+    print(f"{label}: jax.profiler trace of 3 steps in {trace_dir}", flush=True)
     print(common.trace_top_ops(trace_dir), flush=True)
   if args.profile:
     out["profile"] = {
@@ -242,7 +339,7 @@ def measure(stage: int, args, sc: common.Scale, jax_device, torch_device, dtype:
 def profile_report(r: dict) -> str:
   """Where one step's time goes, per network and direction, on both sides."""
   jx, tr = r["profile"]["jax"], r["profile"]["torch"]
-  lines = [f"stage {r['stage']} profile of one step (JAX: XLA CPU thunk times from"
+  lines = [f"{r['label']} profile of one step (JAX: XLA CPU thunk times from"
            f" jax.profiler; torch: torch.profiler CPU times)"]
   rows = []
   for part in (*common.PARTS, "loss+optimizer"):
@@ -282,13 +379,14 @@ def report(results: list[dict], batch: int, peak: float | None) -> str:
     for k in r["times"]:
       med = common.median(r["times"][k])
       tf, mfu = common.fmt_tflops(r["flops"].total, med, peak)
-      rows.append([f"stage {r['stage']}", k, f"{batch / med:.2f}", common.spread(r["times"][k]),
+      name = r["torch_name"] if k == "torch" else k
+      rows.append([r["label"], name, f"{batch / med:.2f}", common.spread(r["times"][k]),
                    tf, mfu, common.gib(r["mem"].get(k)), f"{r['build_s'][k]:.0f}"])
     if len(r["times"]) == 2:
       ratio = (common.median(r["times"]["torch"]) / common.median(r["times"]["jax"]))
       mem_ratio = (r["mem"]["jax"] / r["mem"]["torch"]
                    if r["mem"].get("jax") and r["mem"].get("torch") else None)
-      rows.append([f"stage {r['stage']}", "jax/torch", f"{ratio:.2f}x", "", "", "",
+      rows.append([r["label"], f"jax/{r['torch_name']}", f"{ratio:.2f}x", "", "", "",
                    f"{mem_ratio:.2f}x" if mem_ratio else "", ""])
   t = common.table(["step", "framework", "img/s", "ms median (min-max)", "TFLOP/s", "MFU",
                     "peak memory", "build s"], rows)
@@ -296,14 +394,14 @@ def report(results: list[dict], batch: int, peak: float | None) -> str:
   for r in results:
     f = r["flops"]
     parts = ", ".join(f"{k} {v / 1e9:.1f}" for k, v in f.by_part.items())
-    lines.append(f"stage {r['stage']}: {f.total / 1e9:.1f} model GFLOP per step ({parts});"
+    lines.append(f"{r['label']}: {f.total / 1e9:.1f} model GFLOP per step ({parts});"
                  f" losses after the last timed step: " +
                  ", ".join(f"{k} {v:.4f}" for k, v in r["losses"].items()))
     lines.append(f"  our step's XLA memory plan: {r['memory_line']}")
   return "\n".join(lines)
 
 
-def main(argv=None) -> list[dict]:
+def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   common.add_common_flags(p)
   p.add_argument("--batch", type=int, default=None, help="batch (per device); default 8")
@@ -315,14 +413,27 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--only", choices=("jax", "torch"), default=None,
                  help="time one framework only (profiling)")
   p.add_argument("--torch-device", default=None, help="default: cuda if available, else cpu")
-  p.add_argument("--object-tokens", action="store_true",
-                 help="stage 2 on precomputed DINOv2 tokens (data.object_tokens): both sides"
-                      " skip DINOv2 and run the adapter on a token batch")
+  p.add_argument("--inputs", choices=INPUTS, default="pixels",
+                 help="what a stage-2 batch holds: pixels (default), tokens (precomputed"
+                      " DINOv2 tokens: no DINOv2 in the step) or latents (precomputed tokens"
+                      " and VAE posteriors: no DINOv2 and no VAE encoder, the trainer's step"
+                      " with data.object_tokens and data.latents); random values, both sides")
+  p.add_argument("--torch-compile", action="store_true",
+                 help="torch side: UNet and adapter through torch.compile (default: eager)")
   p.add_argument("--profile", action="store_true",
                  help="also split one step's time by network, direction and op kind (CPU)")
   p.add_argument("--trace", metavar="DIR", default=None,
                  help="also write a jax.profiler trace of 3 of our steps per stage to DIR")
+  return p
+
+
+def main(argv=None) -> list[dict]:
+  p = parser()
   args = p.parse_args(argv)
+  if args.inputs != "pixels":  # cached inputs exist for stage 2 only
+    if 1 in (args.stage or []):
+      p.error(f"--inputs {args.inputs} is a stage-2 option (stage 1 trains DINOv2 on pixels)")
+    args.stage = [2]
   env = common.setup(args)
   jax_device, torch_device, dtype = env.jax_device, env.torch_device, env.dtype
   from imprint_jax.models import layers
@@ -330,8 +441,9 @@ def main(argv=None) -> list[dict]:
   args.batch = args.batch or sc.batch
   remat = args.remat
   print(f"scale {sc.name}: batch {args.batch}, E={sc.encoder_size}, G={sc.generator_size},"
-        f" dtype {dtype}, our remat {remat}; {args.warmup} warm-up + {args.repeats} timed"
-        f" steps per framework, alternating\n")
+        f" dtype {dtype}, our remat {remat}, stage-2 inputs {args.inputs}, torch"
+        f" {'torch.compile' if args.torch_compile else 'eager'}; {args.warmup} warm-up +"
+        f" {args.repeats} timed steps per framework, alternating\n")
   with layers.gpu_attention(args.gpu_attention):
     results = [measure(s, args, sc, jax_device, torch_device, dtype, remat)
                for s in (args.stage or [1, 2])]

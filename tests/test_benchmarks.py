@@ -53,21 +53,28 @@ def test_sd15_unet_forward_flops_match_torch_and_xla():
   assert ours == pytest.approx(xla, rel=0.04)
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_training_flops_match_autograd(stage):
+@pytest.mark.parametrize("stage,inputs", [(1, "pixels"), (2, "pixels"), (2, "latents")])
+def test_training_flops_match_autograd(stage, inputs):
   """The dependency rule (forward F, +F input gradient, +F weight gradient) reproduces what
   autograd computes on the PyTorch step: the VAE and (stage 2) DINOv2 forward only, stage 1's
   frozen UNet encoder with input gradients only (the gradient reaches the object tokens
-  through cross-attention), the trained parts in full."""
+  through cross-attention), the trained parts in full; on cached latents and tokens, the
+  adapter and the UNet alone."""
   from benchmarks import train_step
   sc = common.scale("tiny")  # also exact at the cpu scale (checked by hand; 20 s a stage)
   c = common.run_config(sc, stage, batch=1, dtype="float32", remat="none")
   model_cfg = setup_lib.model_config(c)
-  batch = common.random_batch(stage, 1, sc.encoder_size, sc.generator_size, 0)
+  batch = train_step.cached_inputs(
+      common.random_batch(stage, 1, sc.encoder_size, sc.generator_size, 0), inputs, model_cfg,
+      sc, 0)
   step = train_step.TorchStep(c, model_cfg, batch, torch.device("cpu"), "float32")
   counted = _torch_flops(lambda: step.loss().backward())
-  ours = flops.train_step(model_cfg, stage, 1, sc.encoder_size, sc.generator_size)
+  ours = flops.train_step(model_cfg, stage, 1, sc.encoder_size, sc.generator_size,
+                          object_tokens=inputs == "latents", latents=inputs == "latents")
   assert ours.total == pytest.approx(counted, rel=1e-9)
+  if inputs == "latents":
+    assert set(ours.by_part) == {"adapter", "unet"}
+    return
   # Stage 2 trains the whole UNet: ~3x its forward (conv_in and the first time-embedding
   # layer see data: 2x); stage 1 trains only its decoder. The VAE is forward only.
   fwd, vae = flops.Counter(), flops.Counter()
@@ -166,6 +173,39 @@ def test_train_step_main_smoke(capsys):
   assert "jax/torch" in capsys.readouterr().out
 
 
+def test_train_step_on_cached_latents_and_tokens(capsys):
+  """`--inputs latents`: the trainer's stage-2 step with data.object_tokens and data.latents
+  (its batch holds tokens, posterior moments and the latent mask), against torch on the same
+  batch, in one run: both rows and their ratio printed."""
+  import re
+
+  from benchmarks import train_step
+  (r,) = train_step.main(["--scale", "tiny", "--repeats", "1", "--warmup", "0", "--inputs",
+                          "latents"])
+  assert r["stage"] == 2 and r["label"] == "stage 2 (latents)"
+  assert r["jax_inputs"] == ["mask_latent", "masked_target_moments", "object_tokens",
+                             "target_moments"]
+  assert set(r["flops"].by_part) == {"adapter", "unet"}
+  assert all(len(v) == 1 and v[0] > 0 for v in r["times"].values())
+  assert all(abs(v) < 1e3 for v in r["losses"].values())
+  rows = {line.split()[3]: line.split()[4:] for line in capsys.readouterr().out.splitlines()
+          if line.startswith("stage 2 (latents) ")}
+  assert set(rows) == {"jax", "torch", "jax/torch"}
+  for k in ("jax", "torch"):
+    assert float(rows[k][0]) == pytest.approx(2 / r["times"][k][0], rel=0.01)  # img/s
+  ratio = r["times"]["torch"][0] / r["times"]["jax"][0]
+  assert re.fullmatch(r"\d+\.\d\dx", rows["jax/torch"][0])
+  assert float(rows["jax/torch"][0][:-1]) == pytest.approx(ratio, abs=0.006)
+
+
+def test_train_step_cached_inputs_are_stage_2_only(capsys):
+  from benchmarks import train_step
+  with pytest.raises(SystemExit) as e:
+    train_step.main(["--scale", "tiny", "--inputs", "latents", "--stage", "1"])
+  assert e.value.code == 2
+  assert "--inputs latents is a stage-2 option" in capsys.readouterr().err
+
+
 def test_networks_main_smoke(capsys):
   from benchmarks import networks
   times = networks.main(["--scale", "tiny", "--repeats", "1", "--warmup", "0", "--stage", "1"])
@@ -194,3 +234,51 @@ def test_trace_top_ops_sums_device_lanes(tmp_path):
   assert lines[1].split() == ["60.0%", "0.60", "ms", "fusion.1"]
   assert lines[2].split() == ["40.0%", "0.40", "ms", "cudnn_fmha"]
   assert len(lines) == 3
+
+
+def _run_gpu_sh(tmp_path, *names, fail=""):
+  """benchmarks/gpu.sh with stub python3 and nvidia-smi: the benchmark command lines it runs,
+  in order (a stub run whose arguments contain `fail` exits 1)."""
+  import os
+  import subprocess
+  stubs, calls = tmp_path / "bin", tmp_path / "calls"
+  stubs.mkdir(exist_ok=True)
+  (stubs / "nvidia-smi").write_text("#!/bin/sh\necho 'stub GPU'\n")
+  (stubs / "python3").write_text(
+      "#!/bin/bash\nprintf '%s\\x1f' \"$@\" >> \"$CALLS\"; echo >> \"$CALLS\"\n"
+      f"[[ -n '{fail}' && \"$*\" == *'{fail}'* ]] && exit 1\nexit 0\n")
+  for f in stubs.iterdir():
+    f.chmod(0o755)
+  calls.write_text("")
+  out = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu.sh"), str(tmp_path / "logs"),
+                        *names], capture_output=True, text=True, cwd=tmp_path, check=False,
+                       env={**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}",
+                            "CALLS": str(calls)})
+  lines = [line.rstrip("\x1f").split("\x1f") for line in calls.read_text().splitlines()]
+  return out, lines
+
+
+def test_gpu_script_runs_the_latents_step_first_with_valid_arguments(tmp_path):
+  """The GPU script (run rarely, in a short lease): every train_step.py command line it runs
+  parses, the cached-latents step comes first, a torch.compile failure does not stop it, and
+  naming items runs only those."""
+  from benchmarks import train_step
+  out, calls = _run_gpu_sh(tmp_path, fail="--torch-compile")
+  assert out.returncode == 0, out.stderr
+  assert "=== stage2_latents_compile failed (exit status 1); going on" in out.stdout
+  scripts = [c[0] for c in calls]
+  assert scripts[:6] == ["benchmarks/train_step.py"] * 6 and len(calls) == 9
+  assert scripts[6:] == ["benchmarks/sampling.py", "benchmarks/train_step.py",
+                         "benchmarks/networks.py"]
+  parsed = [train_step.parser().parse_args(c[1:]) for c in calls
+            if c[0] == "benchmarks/train_step.py"]
+  assert all(a.scale == "real" for a in parsed)
+  first = parsed[0]
+  assert (first.inputs, first.stage, first.batch, first.torch_compile) == ("latents", [2], 8,
+                                                                          False)
+  assert first.trace and parsed[2].torch_compile and parsed[2].inputs == "latents"
+  out, calls = _run_gpu_sh(tmp_path, "stage2", "stage2_latents", fail="--inputs latents")
+  assert out.returncode != 0 and len(calls) == 1  # a failure outside may_fail stops it
+  out, calls = _run_gpu_sh(tmp_path, "stage1", "stage2")
+  assert out.returncode == 0
+  assert [train_step.parser().parse_args(c[1:]).stage for c in calls] == [[2], [1]]
