@@ -30,6 +30,7 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/train_step.py
+	$(PY) benchmarks/train_step.py --inputs latents
 	$(PY) benchmarks/networks.py
 	$(PY) benchmarks/networks.py --scale cpu32
 	$(PY) benchmarks/sampling.py --batches 1,8,32
