@@ -24,7 +24,11 @@ from PIL import Image
 from imprint_jax.configs.common import tiny_model
 from imprint_jax.data_prep import prepare, synthetic
 from imprint_jax.convert import checkpoint as ckpt_lib
-from imprint_jax.evaluation import runner as ev
+from imprint_jax.cli import evaluate as evaluate_cli
+from imprint_jax.cli.flags import evaluate as evaluate_flags
+from imprint_jax.evaluation import methods as em
+from imprint_jax.evaluation import runner
+from imprint_jax.evaluation import testsets as ts
 from imprint_jax.evaluation import metrics
 from imprint_jax.errors import UserError
 from imprint_jax.models.imprint import Imprint, ImprintConfig
@@ -98,7 +102,7 @@ def ckpt(tmp_path_factory):
 
 def _args(**kw) -> argparse.Namespace:
   parser = argparse.ArgumentParser()
-  ev.add_arguments(parser)
+  evaluate_flags.add_arguments(parser)
   argv = []
   for k, v in kw.items():
     flag = "--" + k.replace("_", "-")
@@ -108,14 +112,14 @@ def _args(**kw) -> argparse.Namespace:
 
 def test_pixabay_end_to_end_with_the_model(testsets, weights, ckpt, tmp_path):
   # One CPU device: the sampler compiles twice as fast as sharded over the 8 virtual ones.
-  generate = ev.model_generator(ckpt, steps=2, batch_size=2, devices=jax.devices()[:1])
+  generate = em.model_generator(ckpt, steps=2, batch_size=2, devices=jax.devices()[:1])
   suite = metrics.load_suite(clip=weights / "clip", dino=weights / "dino",
                              inception=weights / "inception.safetensors", batch_size=MB)
   out = tmp_path / "report"
-  report = ev.evaluate(testsets["pixabay"], "pixabay", out, {"imprint": generate}, suite,
+  report = runner.evaluate(testsets["pixabay"], "pixabay", out, {"imprint": generate}, suite,
                        limit=4, batch_size=2, progress=False)
   assert report == json.loads((out / "metrics.json").read_text())
-  assert report["pairs"] == 4 and list(report["methods"]) == ["imprint", ev.COPY_PASTE]
+  assert report["pairs"] == 4 and list(report["methods"]) == ["imprint", em.COPY_PASTE]
   for name, r in report["methods"].items():
     for key in ("clip", "dino"):
       assert -100.0 <= r[key] <= 100.0, (name, key, r)
@@ -132,7 +136,7 @@ def test_pixabay_end_to_end_with_the_model(testsets, weights, ckpt, tmp_path):
   mean = np.mean([s["clip"] for s in scores if s["method"] == "imprint"])
   assert abs(mean - report["methods"]["imprint"]["clip"]) < 1e-9
   # A pair's composite depends on its seed and pair id, not on the pairs batched with it.
-  pairs = next(ev.iter_batches(testsets["pixabay"], "pixabay", limit=4, batch_size=4))
+  pairs = next(ts.iter_batches(testsets["pixabay"], "pixabay", limit=4, batch_size=4))
   for k, image in zip((1, 2), generate([pairs[1], pairs[2]])):
     np.testing.assert_array_equal(image, np.asarray(Image.open(images[k])))
   (last,) = generate([pairs[3]])  # a short batch (padded to the compiled size)
@@ -140,11 +144,11 @@ def test_pixabay_end_to_end_with_the_model(testsets, weights, ckpt, tmp_path):
 
 
 def test_cli_scores_a_folder_and_reports_skipped_metrics(testsets, weights, tmp_path, capsys):
-  first = ev.evaluate(testsets["pixabay"], "pixabay", tmp_path / "a", {},
+  first = runner.evaluate(testsets["pixabay"], "pixabay", tmp_path / "a", {},
                       metrics.load_suite(batch_size=MB), limit=3, progress=False)
-  assert first["methods"][ev.COPY_PASTE]["clip"] is None  # every metric skipped, still a table
+  assert first["methods"][em.COPY_PASTE]["clip"] is None  # every metric skipped, still a table
   out = tmp_path / "report"
-  rc = ev.main(_args(images=tmp_path / "a" / "images" / ev.COPY_PASTE, name="pasted",
+  rc = evaluate_cli.run(_args(images=tmp_path / "a" / "images" / em.COPY_PASTE, name="pasted",
                      testset="pixabay", root=testsets["pixabay"], out=out, limit=3,
                      dino=weights / "dino", metric_batch=MB, write_inputs=True))
   assert rc == 0
@@ -152,9 +156,9 @@ def test_cli_scores_a_folder_and_reports_skipped_metrics(testsets, weights, tmp_
   assert "CLIP weights not found (no --clip given)" in captured.err
   assert "| pasted |" in captured.out and "wrote" in captured.out
   report = json.loads((out / "metrics.json").read_text())
-  assert list(report["methods"]) == ["pasted", ev.COPY_PASTE]
+  assert list(report["methods"]) == ["pasted", em.COPY_PASTE]
   assert report["methods"]["pasted"]["dino"] == pytest.approx(
-      report["methods"][ev.COPY_PASTE]["dino"], abs=1e-9)
+      report["methods"][em.COPY_PASTE]["dino"], abs=1e-9)
   assert report["methods"]["pasted"]["clip"] is None and "clip" in report["skipped"]
   assert len(list((out / "inputs").glob("*_object.png"))) == 3
   assert len(list((out / "inputs").glob("*[0-9]_mask.png"))) == 3
@@ -164,7 +168,7 @@ def test_images_folder_of_the_real_targets_has_zero_fid(testsets, weights, tmp_p
   """--images scoring: a folder holding the real targets themselves must give FID 0 against
   the real targets, and per-pair files are matched by pair id (zero padding or not)."""
   from imprint_jax.data.pipeline import decode_record
-  source, features, n = ev.open_pairs(testsets["pixabay"], "pixabay", limit=5)
+  source, features, n = ts.open_pairs(testsets["pixabay"], "pixabay", limit=5)
   folder = tmp_path / "real"
   folder.mkdir()
   for i in range(n):
@@ -173,11 +177,11 @@ def test_images_folder_of_the_real_targets_has_zero_fid(testsets, weights, tmp_p
     Image.fromarray(rec["target"]).save(folder / name)
   suite = metrics.load_suite(inception=weights / "inception.safetensors", clip=weights / "clip",
                              batch_size=MB)
-  report = ev.evaluate(testsets["pixabay"], "pixabay", tmp_path / "out",
-                       {"real": ev.folder_generator(folder)}, suite, limit=5, batch_size=2,
+  report = runner.evaluate(testsets["pixabay"], "pixabay", tmp_path / "out",
+                       {"real": em.folder_generator(folder)}, suite, limit=5, batch_size=2,
                        progress=False)
   assert abs(report["methods"]["real"]["fid"]) < 1e-6
-  assert report["methods"][ev.COPY_PASTE]["fid"] > 1e-3
+  assert report["methods"][em.COPY_PASTE]["fid"] > 1e-3
   assert report["methods"]["real"]["dino"] is None and "dino" in report["skipped"]
 
 
@@ -187,30 +191,30 @@ def test_dreambooth_images_only_matches_the_baseline_it_was_made_from(testsets, 
   DreamBooth has no FID."""
   suite = metrics.load_suite(clip=weights / "clip", dino=weights / "dino",
                              inception=weights / "inception.safetensors", batch_size=MB)
-  first = ev.evaluate(testsets["dreambooth"], "dreambooth", tmp_path / "a",
+  first = runner.evaluate(testsets["dreambooth"], "dreambooth", tmp_path / "a",
                       {}, suite, batch_size=3, progress=False)
-  folder = tmp_path / "a" / "images" / ev.COPY_PASTE
+  folder = tmp_path / "a" / "images" / em.COPY_PASTE
   assert first["pairs"] >= 4 and len(list(folder.glob("*.png"))) == first["pairs"]
-  second = ev.evaluate(testsets["dreambooth"], "dreambooth", tmp_path / "b",
-                       {"pasted": ev.folder_generator(folder)}, suite, batch_size=2,
+  second = runner.evaluate(testsets["dreambooth"], "dreambooth", tmp_path / "b",
+                       {"pasted": em.folder_generator(folder)}, suite, batch_size=2,
                        progress=False)
-  a, b = second["methods"]["pasted"], second["methods"][ev.COPY_PASTE]
+  a, b = second["methods"]["pasted"], second["methods"][em.COPY_PASTE]
   for key in ("clip", "dino"):
-    assert a[key] == pytest.approx(b[key], abs=1e-9) == first["methods"][ev.COPY_PASTE][key]
+    assert a[key] == pytest.approx(b[key], abs=1e-9) == first["methods"][em.COPY_PASTE][key]
   assert a["fid"] is None and "no real composites" in second["skipped"]["fid"]
 
 
 def test_protocol_crops_and_copy_paste():
   image = np.arange(10 * 12 * 3, dtype=np.uint8).reshape(10, 12, 3)
-  crop = ev.identity_crop(image, (8, 1, 12, 3))  # 4 x 2 box at the right edge
+  crop = em.identity_crop(image, (8, 1, 12, 3))  # 4 x 2 box at the right edge
   assert crop.shape == (4, 4, 3)
   np.testing.assert_array_equal(crop[1:3], image[1:3, 8:12])  # the box, centred vertically
   np.testing.assert_array_equal(crop[0], image[0, 8:12])      # real context above it
   keep = np.zeros((10, 12), bool)
   keep[1:3, 8:12] = True
-  masked = ev.identity_crop(image, (8, 1, 12, 3), keep)
+  masked = em.identity_crop(image, (8, 1, 12, 3), keep)
   assert (masked[0] == 255).all() and (masked[3] == 255).all()
-  corner = ev.identity_crop(image, (0, 0, 2, 6))  # square leaves the image on the left
+  corner = em.identity_crop(image, (0, 0, 2, 6))  # square leaves the image on the left
   assert corner.shape == (6, 6, 3) and (corner[:, :2] == 255).all()
 
   g = 40
@@ -221,32 +225,32 @@ def test_protocol_crops_and_copy_paste():
   background[10:20, 10:30] = 90  # "the original object" under the region
   region = np.zeros((g, g), bool)
   region[10:30, 10:30] = True
-  pair = ev.Pair(0, obj, obj_mask, background, region, (10, 10, 30, 30), background)
-  pasted = ev.copy_paste(pair, erase=False)
+  pair = ts.Pair(0, obj, obj_mask, background, region, (10, 10, 30, 30), background)
+  pasted = em.copy_paste(pair, erase=False)
   changed = np.any(pasted != background, axis=-1)
   ys, xs = np.nonzero(changed)
   assert (xs.min(), xs.max() + 1) == (10, 30)              # aspect-fit: full box width
   assert ys.min() >= 10 and ys.max() < 30 and ys.max() + 1 - ys.min() == 12  # 20 * 10/16 -> 12
   assert (pasted[changed] == (200, 10, 10)).all()
-  erased = ev.copy_paste(pair, erase=True)
+  erased = em.copy_paste(pair, erase=True)
   assert not (erased[region] == 90).all(axis=-1).any()      # the original object is gone
   np.testing.assert_array_equal(erased[~region], background[~region])
 
 
 def test_bad_input_gives_one_line(testsets, weights, tmp_path):
   with pytest.raises(UserError, match="give --ckpt"):
-    ev.main(_args(testset="pixabay", root=testsets["pixabay"], out=tmp_path / "x"))
+    evaluate_cli.run(_args(testset="pixabay", root=testsets["pixabay"], out=tmp_path / "x"))
   with pytest.raises(UserError, match="use --testset dreambooth"):
-    ev.main(_args(images=tmp_path, testset="pixabay", root=testsets["dreambooth"],
+    evaluate_cli.run(_args(images=tmp_path, testset="pixabay", root=testsets["dreambooth"],
                   out=tmp_path / "x"))
   with pytest.raises(UserError, match="no such folder"):
-    ev.main(_args(images=tmp_path, testset="pixabay", root=tmp_path / "nope",
+    evaluate_cli.run(_args(images=tmp_path, testset="pixabay", root=tmp_path / "nope",
                   out=tmp_path / "x"))
   folder = tmp_path / "partial"
   folder.mkdir()
   Image.fromarray(np.zeros((G, G, 3), np.uint8)).save(folder / "00000.png")
   with pytest.raises(UserError, match=r"no image for pair \d+ \(expected \d{5}\.png"):
-    ev.main(_args(images=folder, testset="dreambooth", root=testsets["dreambooth"],
+    evaluate_cli.run(_args(images=folder, testset="dreambooth", root=testsets["dreambooth"],
                   out=tmp_path / "y", clip=weights / "clip"))
   assert not (tmp_path / "y").exists()  # nothing half-written
 
@@ -254,7 +258,7 @@ def test_bad_input_gives_one_line(testsets, weights, tmp_path):
 def test_pixabay_has_one_pair_per_image_its_largest_instance(testsets, tmp_path):
   from imprint_jax.data_prep.readers import READERS
   from imprint_jax.data.pipeline import decode_record
-  source, features, n = ev.open_pairs(testsets["pixabay"], "pixabay")
+  source, features, n = ts.open_pairs(testsets["pixabay"], "pixabay")
   recs = [decode_record(source[i], features) for i in range(n)]
   images = [r["target_id"].split("#")[0] for r in recs]
   assert n == 4 and len(set(images)) == 4  # one pair per image
@@ -270,10 +274,10 @@ def test_pixabay_has_one_pair_per_image_its_largest_instance(testsets, tmp_path)
   assert sorted(r["target_id"] for r in recs) == sorted(largest.values())
   # A set with every instance is refused for the paper's protocol, unless asked for.
   with pytest.raises(UserError, match="come from one image.*--instances largest"):
-    ev.evaluate(testsets["pixabay_all"], "pixabay", tmp_path / "a", {},
+    runner.evaluate(testsets["pixabay_all"], "pixabay", tmp_path / "a", {},
                 metrics.load_suite(batch_size=MB), progress=False)
   assert not (tmp_path / "a").exists()
-  report = ev.evaluate(testsets["pixabay_all"], "pixabay", tmp_path / "b", {},
+  report = runner.evaluate(testsets["pixabay_all"], "pixabay", tmp_path / "b", {},
                        metrics.load_suite(batch_size=MB), all_instances=True, progress=False)
   assert report["pairs"] == 8 and report["settings"]["all_instances"] is True
 
@@ -306,19 +310,19 @@ def _tiny_paint_by_example(folder):
 def test_paint_by_example_baseline_scored_beside_ours(testsets, weights, tmp_path, capsys):
   pbe = _tiny_paint_by_example(tmp_path / "pbe")
   out = tmp_path / "report"
-  rc = ev.main(_args(baseline="paint-by-example", baseline_weights=pbe, testset="pixabay",
+  rc = evaluate_cli.run(_args(baseline="paint-by-example", baseline_weights=pbe, testset="pixabay",
                      root=testsets["pixabay"], out=out, limit=2, steps=2, batch_size=2,
                      clip=weights / "clip", dino=weights / "dino", metric_batch=MB,
                      write_inputs=True))
   assert rc == 0 and "| paint-by-example |" in capsys.readouterr().out
   report = json.loads((out / "metrics.json").read_text())
-  assert list(report["methods"]) == ["paint-by-example", ev.COPY_PASTE]
+  assert list(report["methods"]) == ["paint-by-example", em.COPY_PASTE]
   assert report["settings"]["baseline_weights"] == str(pbe)
   r = report["methods"]["paint-by-example"]
   assert -100.0 <= r["clip"] <= 100.0 and -100.0 <= r["dino"] <= 100.0
-  assert r["clip"] != report["methods"][ev.COPY_PASTE]["clip"]
+  assert r["clip"] != report["methods"][em.COPY_PASTE]["clip"]
   # It ran on exactly our inputs: the pairs written by --write-inputs, per-pair seeds.
-  pairs = next(ev.iter_batches(testsets["pixabay"], "pixabay", limit=2, batch_size=2))
+  pairs = next(ts.iter_batches(testsets["pixabay"], "pixabay", limit=2, batch_size=2))
   for p in pairs:
     stem = out / "inputs" / f"{p.pair_id:05d}"
     np.testing.assert_array_equal(np.asarray(Image.open(f"{stem}_background.png")),
@@ -336,8 +340,8 @@ def test_paint_by_example_baseline_scored_beside_ours(testsets, weights, tmp_pat
     assert np.abs(a.astype(int) - b).max() <= 1 and (a != b).mean() < 0.01
     assert np.abs(a[p.region].astype(int) - p.background[p.region]).mean() > 1.0
   with pytest.raises(UserError, match="--baseline and --baseline-weights go together"):
-    ev.main(_args(baseline="paint-by-example", testset="pixabay", root=testsets["pixabay"],
+    evaluate_cli.run(_args(baseline="paint-by-example", testset="pixabay", root=testsets["pixabay"],
                   out=tmp_path / "x"))
   with pytest.raises(UserError, match="no model_index.json"):
-    ev.main(_args(baseline="paint-by-example", baseline_weights=tmp_path, testset="pixabay",
+    evaluate_cli.run(_args(baseline="paint-by-example", baseline_weights=tmp_path, testset="pixabay",
                   root=testsets["pixabay"], out=tmp_path / "x"))

@@ -12,7 +12,8 @@ import transformers
 from PIL import Image
 
 from imprint_jax.data_prep import prepare, synthetic
-from imprint_jax.evaluation import runner as ev
+from imprint_jax.cli import evaluate as evaluate_cli
+from imprint_jax.cli.flags import evaluate as evaluate_flags
 from imprint_jax.evaluation import multiview as mv
 from imprint_jax.errors import UserError
 
@@ -92,7 +93,7 @@ def tiny_ckpt(tmp_path_factory):
 
 def _args(**kw):
   parser = argparse.ArgumentParser()
-  ev.add_arguments(parser)
+  evaluate_flags.add_arguments(parser)
   argv = []
   for k, v in kw.items():
     argv += ["--" + k.replace("_", "-"), str(v)]
@@ -101,7 +102,7 @@ def _args(**kw):
 
 def test_cli_end_to_end_on_a_view_set(view_set, tiny_ckpt, tmp_path, capsys):
   out = tmp_path / "report"
-  rc = ev.main(_args(testset="multiview", root=view_set / "views", dinov2=view_set / "dinov2",
+  rc = evaluate_cli.run(_args(testset="multiview", root=view_set / "views", dinov2=view_set / "dinov2",
                      ckpt=tiny_ckpt, out=out, batch_size=4))
   printed = capsys.readouterr().out
   assert rc == 0 and "| dinov2 |" in printed and "| checkpoint |" in printed
@@ -120,4 +121,4 @@ def test_cli_end_to_end_on_a_view_set(view_set, tiny_ckpt, tmp_path, capsys):
   with pytest.raises(UserError, match="needs a view dataset"):
     mv.load_views(view_set / "views", "train")
   with pytest.raises(UserError, match="give --dinov2 DIR and/or --ckpt"):
-    ev.main(_args(testset="multiview", root=view_set / "views", out=tmp_path / "x"))
+    evaluate_cli.run(_args(testset="multiview", root=view_set / "views", out=tmp_path / "x"))

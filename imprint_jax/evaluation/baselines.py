@@ -6,7 +6,7 @@
                      e.g. Fantasy-Studio/Paint-by-Example downloaded once by you). PyTorch, on
                      CUDA when available, else the CPU.
 
-Inputs per pair (`evaluate.Pair`): the background crop (G x G) as `image`, the generation region
+Inputs per pair (`testsets.Pair`): the background crop (G x G) as `image`, the generation region
 as `mask_image` (white = generate), the object on white (E x E) as `example_image`; DDIM with
 the same steps and guidance as our model, noise from a torch generator seeded by
 (seed, pair_id). The pipeline's output (at G x G) is scored as it is: Paint-by-Example does its
@@ -32,11 +32,15 @@ def _pair_seed(seed: int, pair_id: int) -> int:
 
 def paint_by_example_generator(weights: str | os.PathLike, *, steps: int = 50,
                                guidance: float = 5.0, seed: int = 0, batch_size: int = 8):
-  """A `evaluate.GenerateFn` running diffusers' PaintByExamplePipeline from `weights`."""
+  """A `methods.GenerateFn` running diffusers' PaintByExamplePipeline from `weights`."""
+  # Imported here: torch, diffusers and transformers are the optional `torch` extra.
   torch = import_extra("torch", "torch")
   import_extra("diffusers", "torch")
   import_extra("transformers", "torch")
-  from diffusers import DDIMScheduler, PaintByExamplePipeline
+  from diffusers import AutoencoderKL, DDIMScheduler, PaintByExamplePipeline
+  from diffusers import UNet2DConditionModel
+  from diffusers.pipelines.deprecated.paint_by_example import PaintByExampleImageEncoder
+  from transformers import CLIPImageProcessor
   if not os.path.isfile(os.path.join(os.fspath(weights), "model_index.json")):
     raise UserError(f"--baseline-weights {weights}: no model_index.json (expected a"
                     " Paint-by-Example pipeline folder written by save_pretrained)")
@@ -44,9 +48,6 @@ def paint_by_example_generator(weights: str | os.PathLike, *, steps: int = 50,
   # encoder's module "paint_by_example" (the hub folder) or "diffusers" (save_pretrained in
   # diffusers 0.42), and 0.42's from_pretrained resolves neither since the pipeline moved to
   # diffusers.pipelines.deprecated.
-  from diffusers import AutoencoderKL, UNet2DConditionModel
-  from diffusers.pipelines.deprecated.paint_by_example import PaintByExampleImageEncoder
-  from transformers import CLIPImageProcessor
   root = os.fspath(weights)
   try:
     pipe = PaintByExamplePipeline(

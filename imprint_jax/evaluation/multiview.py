@@ -28,9 +28,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from flax import nnx
 from PIL import Image, ImageDraw
 
+from imprint_jax import convert
+from imprint_jax.convert import checkpoint as ckpt_lib
+from imprint_jax.convert.common import AtomicDir
+from imprint_jax.data import schema
+from imprint_jax.data.pipeline import decode_record, normalize_object, open_source
 from imprint_jax.errors import UserError
 
 EmbedFn = Callable[[np.ndarray], np.ndarray]  # (B, E, E, 3) uint8 -> (B, D) float
@@ -145,9 +152,6 @@ def tsne_png(panels: dict[str, np.ndarray], labels_N: np.ndarray, path: Path,
 # -------------------------------------------------------------------------------- encoders
 
 def _embed_with(dino, batch_size: int) -> EmbedFn:
-  import jax
-  from flax import nnx
-  from imprint_jax.data.pipeline import normalize_object
   graphdef, state = nnx.split(dino)
 
   @jax.jit
@@ -167,7 +171,6 @@ def _embed_with(dino, batch_size: int) -> EmbedFn:
 
 def dinov2_encoder(folder: str | os.PathLike, batch_size: int = 16) -> EmbedFn:
   """The original DINOv2 from a transformers folder."""
-  from imprint_jax import convert
   if not Path(folder).is_dir():
     raise UserError(f"--dinov2 {folder}: no such folder (a transformers DINOv2 folder)")
   return _embed_with(convert.load_dinov2(folder), batch_size)
@@ -175,7 +178,6 @@ def dinov2_encoder(folder: str | os.PathLike, batch_size: int = 16) -> EmbedFn:
 
 def checkpoint_encoder(ckpt: str | os.PathLike, batch_size: int = 16) -> EmbedFn:
   """The DINOv2 of a checkpoint (stage 1's fine-tuned encoder, or any run's)."""
-  from imprint_jax.convert import checkpoint as ckpt_lib
   model, _ = ckpt_lib.load_model(ckpt, dtype="float32")
   return _embed_with(model.dinov2, batch_size)
 
@@ -186,8 +188,6 @@ def load_views(root: str | os.PathLike, split: str, limit: int | None = None
                ) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """(objects (N, E, E, 3) uint8, object label per view (N,), object names) of a view
   dataset's split; `limit` keeps the first objects."""
-  from imprint_jax.data import schema
-  from imprint_jax.data.pipeline import decode_record, open_source
   if not Path(root).is_dir():
     raise UserError(f"--root {root}: no such folder (a view dataset written by `imprint-jax"
                     " prepare --source mvimgnet --pairing views`)")
@@ -216,7 +216,6 @@ def load_views(root: str | os.PathLike, split: str, limit: int | None = None
 def evaluate_multiview(root, out, encoders: dict[str, EmbedFn], *, split: str = "test",
                        limit: int | None = None, seed: int = 0) -> dict[str, Any]:
   """Scores every encoder on the views of `root`'s split; writes the report folder."""
-  from imprint_jax.convert.common import AtomicDir
   if not encoders:
     raise UserError("--testset multiview: give --dinov2 DIR and/or --ckpt (a stage-1 run)")
   images, labels, names = load_views(root, split, limit)
@@ -245,17 +244,3 @@ def markdown(report: dict[str, Any]) -> str:
   lines += ["", f"Chance NN retrieval: {100 * report['nn_chance']:.2f}%. Embedding: DINOv2 CLS"
             " token of the segmented object, cosine; t-SNE in tsne.png.", ""]
   return "\n".join(lines)
-
-
-def main(args) -> int:
-  """`evaluate --testset multiview` from parsed flags."""
-  encoders: dict[str, EmbedFn] = {}
-  if getattr(args, "dinov2", None):
-    encoders["dinov2"] = dinov2_encoder(args.dinov2, args.batch_size)
-  if args.ckpt:
-    encoders["checkpoint"] = checkpoint_encoder(args.ckpt, args.batch_size)
-  report = evaluate_multiview(args.root, args.out, encoders, split=args.split,
-                              limit=args.limit, seed=args.seed)
-  print(markdown(report))
-  print(f"wrote {Path(args.out) / 'metrics.json'}, metrics.md and tsne.png")
-  return 0

@@ -1,0 +1,38 @@
+"""`imprint-jax train`, `encode-objects` and `encode-latents`: a run config's training, and the
+stage-2 stores of frozen-encoder outputs that training can read instead."""
+
+from __future__ import annotations
+
+import argparse
+
+from imprint_jax.cli import distributed
+from imprint_jax.train import encode_objects, loop, run_config
+
+
+def run_train(args: argparse.Namespace) -> int:
+  distributed.initialize(args)
+  config = run_config.load(args.config, args.set)
+  loop.train(config, args.workdir, resume=args.resume, takeover=args.takeover)
+  return 0
+
+
+def _store_config(args: argparse.Namespace):
+  """The run config of an `encode-*` command (after jax.distributed, when asked)."""
+  distributed.initialize(args)
+  return run_config.load(args.config, args.set)
+
+
+def run_encode_objects(args: argparse.Namespace) -> int:
+  config = _store_config(args)
+  out = encode_objects.encode(config, args.out, variants=args.variants, batch=args.batch,
+                              workdir=args.workdir)
+  print(f"wrote {out}")
+  return 0
+
+
+def run_encode_latents(args: argparse.Namespace) -> int:
+  config = _store_config(args)
+  out = encode_objects.encode_latents(config, args.out, mask_draws=args.mask_draws,
+                                      batch=args.batch, workdir=args.workdir)
+  print(f"wrote {out}")
+  return 0
