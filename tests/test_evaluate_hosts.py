@@ -74,7 +74,7 @@ def test_two_hosts_write_the_report_of_one(pixabay, weights, ckpt, tmp_path):  #
     for key in ("dino", "fid"):
       assert two["methods"][name][key] == pytest.approx(r[key], rel=1e-4, abs=1e-6), (name, key)
   assert {**two, "methods": None} == {**one, "methods": None}
-  rows = lambda d: [json.loads(l) for l in (d / "scores.jsonl").read_text().splitlines()]  # noqa: E731
+  rows = lambda d: [json.loads(x) for x in (d / "scores.jsonl").read_text().splitlines()]  # noqa
   a, b = rows(tmp_path / "one"), rows(two_dir)
   assert [(r["pair_id"], r["method"]) for r in a] == [(r["pair_id"], r["method"]) for r in b]
   assert [r["dino"] for r in b] == pytest.approx([r["dino"] for r in a], rel=1e-4, abs=1e-6)

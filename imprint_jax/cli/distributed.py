@@ -1,6 +1,6 @@
-"""Several hosts: `jax.distributed` started from the shared flags (`flags.add_distributed_arguments`:
-train, encode-*, composite, evaluate), the rule that splits a list of jobs over the hosts, and
-sums over the hosts that also act as a barrier."""
+"""Several hosts: `jax.distributed` started from the shared flags (train, encode-*, composite,
+evaluate; `flags.add_distributed_arguments`), the rule that splits a list of jobs over the
+hosts, and sums over the hosts that also act as a barrier."""
 
 from __future__ import annotations
 

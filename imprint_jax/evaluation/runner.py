@@ -36,11 +36,11 @@ what is kept.) Parts of the square outside the image are white.
 
 Methods in the table: the model (--ckpt), Paint-by-Example run in-process on the same inputs
 (--baseline paint-by-example --baseline-weights DIR: diffusers' pipeline from a local folder,
-same DDIM steps, guidance and per-pair seeds; `imprint_jax.evaluation.baselines`), a folder of another
-method's outputs (--images,
-files `<pair_id>.png` - zero padding allowed - each a composite of the record's target crop,
-square, resized to the target's size if needed; `--write-inputs` saves the exact inputs
-to run other methods on), and always the copy-and-paste baseline: the object's pixels
+same DDIM steps, guidance and per-pair seeds; `evaluation/baselines.py`), a folder of another
+method's outputs (--images, files `<pair_id>.png` - zero padding allowed - each a composite of
+the record's target crop, square, resized to the target's size if needed; `--write-inputs`
+saves the exact inputs to run other methods on; `evaluation/methods.py`), and always the
+copy-and-paste baseline: the object's pixels
 pasted into the region's box, aspect-fit and centred (for Pixabay onto the image with the
 region first filled with the mean colour of its surroundings, so the original object does not
 show through).

@@ -14,8 +14,8 @@ def add_parser(sub) -> None:
                      " for virtual CPU devices (an upper estimate: the CPU compiler schedules"
                      " for speed, not memory); with --topology it is compiled by the TPU"
                      " compiler for that slice, from this host, with no TPU attached (needs"
-                     " libtpu: pip install 'imprint-jax[tpu]'). Exit status 1 when it does not fit in"
-                     " --hbm-gib.")
+                     " libtpu: pip install 'imprint-jax[tpu]'). Exit status 1 when it does not"
+                     " fit in --hbm-gib.")
   p.add_argument("--config", required=True)
   p.add_argument("--mesh", required=True, help="data=D,fsdp=F,tensor=T")
   p.add_argument("--topology", default=None, help="TPU slice to compile for, as"
