@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 import sys
 from pathlib import Path
 
@@ -79,10 +80,21 @@ def run(args: argparse.Namespace) -> int:
   else:
     shares = [runner.share_folder(args.out, k) for k in range(nproc)]
     mine = distributed.host_share(range(run_.pairs), pid, nproc)
-    with AtomicDir(shares[pid]) as tmp:
-      runner.score_share(run_, methods, suite, tmp, mine, save_images=args.save_images,
-                         write_inputs=args.write_inputs)
-    distributed.gather_sums([len(mine)])  # a barrier: every share is complete after it
+    error = None
+    try:
+      with AtomicDir(shares[pid]) as tmp:
+        runner.score_share(run_, methods, suite, tmp, mine, save_images=args.save_images,
+                           write_inputs=args.write_inputs)
+    except Exception as e:  # noqa: BLE001 - re-raised below, once the other hosts know
+      error = e
+    # A barrier: after it every share is complete, or every host knows that one failed.
+    _, failed = distributed.gather_sums([len(mine), error is not None])
+    if failed:
+      shutil.rmtree(shares[pid], ignore_errors=True)
+    if error is not None:
+      raise error
+    if failed:
+      raise UserError(f"{failed} of {nproc} hosts failed (see their output); no report written")
     if pid != 0:
       print(f"evaluate: process {pid} of {nproc} scored {len(mine)} of {run_.pairs} pairs;"
             f" process 0 writes {Path(args.out) / 'metrics.json'}")
