@@ -68,7 +68,7 @@ def _settings(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
   if cfg.stage != 2:
     raise UserError(f"{ckpt}: a stage-{cfg.stage} checkpoint (UNet with"
                     f" {cfg.unet.in_channels} input channels); compositing needs stage 2")
-  settings = compositing.settings_from_meta(meta)
+  settings = ckpt_lib.settings_from_meta(meta)
   for key in ("encoder_size", "generator_size", "context"):
     if getattr(args, key) is not None:
       settings[key] = getattr(args, key)
