@@ -1,66 +1,29 @@
-"""Pair shards: TFDS-compatible ArrayRecord datasets written without TensorFlow.
+"""Pair shards: writing a prepared dataset (TFDS-compatible ArrayRecord) without TensorFlow.
 
-A prepared dataset is one folder holding the shards of one or more splits plus the TFDS
-metadata (`dataset_info.json`, `features.json`):
-
-  <out>/imprint_pairs-train.array_record-00000-of-00004
-  <out>/imprint_pairs-train.array_record-00001-of-00004   ...
-  <out>/imprint_pairs-val.array_record-00000-of-00001
-  <out>/dataset_info.json, <out>/features.json
-
-Each ArrayRecord entry is one pair record (see `imprint_jax.data.schema`) encoded by
-`schema.features(E, G)` into a `tf.train.Example` proto (serialized deterministically, see
-`serialize`); images are PNG bytes. Shards use TFDS' naming and `group_size:1`, so random
-access is cheap.
-
-Reading it back (neither way needs TensorFlow):
-
-  # 1. TFDS: a random-access data source, examples decoded to numpy.
-  import tensorflow_datasets as tfds
-  source = tfds.builder_from_directory(out_dir).as_data_source(split="train")
-  example = source[0]     # {"object": (E, E, 3) uint8, ..., "source": b"youtube_vos"}
-
-  # 2. grain: raw bytes from the shard files, decoded with the same FeaturesDict.
-  import grain
-  from imprint_jax.data_prep import shards
-  ds = grain.sources.ArrayRecordDataSource(shards.shard_paths(out_dir, "train"))
-  features = shards.load_features(out_dir)     # == schema.features(E, G)
-  example = features.deserialize_example_np(ds[0])
-
-Text fields come back as `bytes` in both routes. Shard files only ever appear under their
-final name once complete (written to a temporary file in `<out>/.prepare/`, then renamed), so
-a reader never sees a half-written shard.
+The folder's layout, and how to read it, are in `imprint_jax.data.prepared` (every reader
+opens a prepared dataset there). Records are serialized deterministically (see `serialize`),
+so the same pixels give the same bytes. Shard files only ever appear under their final name
+once complete (written to a temporary file in `<out>/.prepare/`, then renamed).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 import io
-import json
-import os
 from pathlib import Path
-import re
 from typing import Any
 
 import numpy as np
 from PIL import Image
+import tensorflow_datasets as tfds
+from tensorflow_datasets.core import example_serializer
 
+from imprint_jax.data import records as record_files
 from imprint_jax.data import schema
+from imprint_jax.data.prepared import DATASET_NAME, shard_name, shard_re
 
-DATASET_NAME = "imprint_pairs"
 WORK_DIR = ".prepare"  # temporary files and resume state, under the output folder
 _PNG_LEVEL = 3  # fixed (same pixels, same bytes); 3 is ~2.5x faster than 6 for ~10% more bytes
-
-
-def shard_re(name: str = DATASET_NAME) -> re.Pattern:
-  """Matches final shard file names; groups: split, index, count."""
-  return re.compile(rf"^{re.escape(name)}-(?P<split>\w+)\.array_record-(?P<index>\d{{5}})"
-                    rf"-of-(?P<count>\d{{5}})$")
-
-
-def shard_name(split: str, index: int, num_shards: int, name: str = DATASET_NAME) -> str:
-  """TFDS' file name of one shard: `<name>-<split>.array_record-00000-of-00004`."""
-  return f"{name}-{split}.array_record-{index:05d}-of-{num_shards:05d}"
 
 
 def encode_png(image: np.ndarray) -> bytes:
@@ -115,7 +78,6 @@ def serialize(record: Mapping[str, Any], features) -> bytes:
   deterministic=True: tf.Example's feature map is otherwise written in an order that
   varies between processes (string hash seeds), which would break byte-identical builds.
   """
-  from tensorflow_datasets.core import example_serializer
   serializer = _SERIALIZERS.get(id(features))
   if serializer is None:
     serializer = (features, example_serializer.ExampleSerializer(features.get_serialized_info()))
@@ -125,61 +87,6 @@ def serialize(record: Mapping[str, Any], features) -> bytes:
   example["pair_id"] = int(record["pair_id"])
   proto = serializer[1].get_tf_example(features.encode_example(example))
   return proto.SerializeToString(deterministic=True)
-
-
-def write_array_record(path: Path, payloads: Iterable[bytes],
-                       tmp_dir: Path | None = None) -> tuple[int, int]:
-  """Writes `payloads` to an ArrayRecord file at `path` atomically.
-
-  The file is written under `tmp_dir` (default `<path's folder>/.prepare`, on the same file
-  system) and renamed to `path` once closed, so `path` only ever names a complete file.
-  Returns (number of records, file size in bytes).
-  """
-  from array_record.python.array_record_module import ArrayRecordWriter
-  path = Path(path)
-  tmp_dir = Path(tmp_dir) if tmp_dir is not None else path.parent / WORK_DIR
-  tmp_dir.mkdir(parents=True, exist_ok=True)
-  tmp = tmp_dir / f"{path.name}.tmp{os.getpid()}"
-  writer = ArrayRecordWriter(os.fspath(tmp), "group_size:1")
-  count = 0
-  try:
-    for payload in payloads:
-      try:
-        writer.write(payload)
-      except (RuntimeError, OSError) as e:
-        raise _write_failed(path, e) from None
-      count += 1
-  except BaseException:
-    try:
-      writer.close()
-    except (RuntimeError, OSError):
-      pass  # the first failure is the one to report
-    tmp.unlink(missing_ok=True)
-    raise
-  try:
-    writer.close()  # flushes the last chunk: a full disk often shows only here
-    os.replace(tmp, path)
-  except (RuntimeError, OSError) as e:
-    tmp.unlink(missing_ok=True)
-    raise _write_failed(path, e) from None
-  return count, path.stat().st_size
-
-
-def _write_failed(path: Path, e: BaseException) -> Exception:
-  """A storage failure (full disk, quota, permissions) while writing `path`: one line."""
-  from imprint_jax.errors import UserError
-  first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
-  return UserError(f"{path}: writing failed ({first[:300]}); the partial file was removed")
-
-
-def read_array_record(path: Path) -> list[bytes]:
-  """All records of one ArrayRecord file, in order."""
-  from array_record.python.array_record_module import ArrayRecordReader
-  reader = ArrayRecordReader(os.fspath(path))
-  try:
-    return list(reader.read_all())
-  finally:
-    reader.close()
 
 
 def split_shard_files(out_dir: Path, split: str, name: str = DATASET_NAME) -> list[Path]:
@@ -196,8 +103,6 @@ def write_metadata(out_dir: Path, *, encoder_size: int, generator_size: int,
   Shard lengths are read from the shard files themselves, so this can be rerun after any
   split is (re)built. Other splits' shards already in the folder are kept.
   """
-  import tensorflow_datasets as tfds
-  from array_record.python.array_record_module import ArrayRecordReader
   out_dir = Path(out_dir)
   splits: dict[str, list[Path]] = {}
   pattern = shard_re(name)
@@ -213,11 +118,7 @@ def write_metadata(out_dir: Path, *, encoder_size: int, generator_size: int,
     if len(counts) != 1 or len(files) != counts.pop():
       raise ValueError(f"split {split!r} in {out_dir} has an incomplete or mixed shard set: "
                        f"{[f.name for f in files]}")
-    lengths = []
-    for f in files:
-      reader = ArrayRecordReader(os.fspath(f))
-      lengths.append(reader.num_records())
-      reader.close()
+    lengths = record_files.array_record_lengths(files)
     split_infos.append(tfds.core.SplitInfo(
         name=split, shard_lengths=lengths, num_bytes=sum(f.stat().st_size for f in files),
         filename_template=template.replace(split=split)))
@@ -249,9 +150,7 @@ def write_dataset(out_dir, split: str, records: Iterable[Mapping[str, Any]], *,
   Returns:
     The number of records in each shard.
 
-  Read it with `tfds.builder_from_directory(out_dir).as_data_source(split=split)` or with
-  `grain.sources.ArrayRecordDataSource(shard_paths(out_dir, split))` plus
-  `load_features(out_dir).deserialize_example_np(raw)` (see the module docstring).
+  Read it with `imprint_jax.data.prepared.open_source(out_dir, split)`.
   """
   if num_shards < 1:
     raise ValueError(f"num_shards must be >= 1, got {num_shards}")
@@ -269,7 +168,8 @@ def write_dataset(out_dir, split: str, records: Iterable[Mapping[str, Any]], *,
   lengths = []
   for i in range(num_shards):
     chunk = payloads[i * n // num_shards:(i + 1) * n // num_shards]
-    count, _ = write_array_record(out_dir / shard_name(split, i, num_shards, name), chunk)
+    count, _ = record_files.write_array_record(out_dir / shard_name(split, i, num_shards, name),
+                                               chunk, out_dir / WORK_DIR)
     lengths.append(count)
   try:
     (out_dir / WORK_DIR).rmdir()  # only if empty: a prepare build may keep state there
@@ -279,40 +179,5 @@ def write_dataset(out_dir, split: str, records: Iterable[Mapping[str, Any]], *,
   return lengths
 
 
-def shard_paths(out_dir, split: str) -> list[str]:
-  """The shard file paths of `split` in order, as listed in the dataset's metadata."""
-  info_path = Path(out_dir) / "dataset_info.json"
-  if not info_path.exists():
-    raise FileNotFoundError(f"{info_path} not found: {out_dir} is not a prepared dataset")
-  info = json.loads(info_path.read_text())
-  name = info["name"]
-  for s in info.get("splits", []):
-    if s["name"] == split:
-      k = len(s["shardLengths"])
-      return [os.fspath(Path(out_dir) / shard_name(split, i, k, name)) for i in range(k)]
-  raise KeyError(f"split {split!r} not in {info_path} "
-                 f"(has {[s['name'] for s in info.get('splits', [])]})")
-
-
-def load_features(out_dir):
-  """The FeaturesDict stored with the dataset (`features.json`), for deserializing records."""
-  import tensorflow_datasets as tfds
-  return tfds.features.FeatureConnector.from_config(os.fspath(out_dir))
-
-
-def split_sizes(out_dir) -> dict[str, int]:
-  """Number of records in each split of a prepared dataset, from its metadata."""
-  info = json.loads((Path(out_dir) / "dataset_info.json").read_text())
-  return {s["name"]: sum(int(x) for x in s["shardLengths"]) for s in info.get("splits", [])}
-
-
-def sizes(out_dir) -> tuple[int, int]:
-  """(encoder_size, generator_size) of a prepared dataset, from its features."""
-  features = load_features(out_dir)
-  return int(features["object"].shape[0]), int(features["target"].shape[0])
-
-
-__all__ = (
-    "DATASET_NAME", "encode_images", "encode_png", "load_features", "read_array_record",
-    "serialize", "shard_name", "shard_paths", "shard_re", "sizes", "split_shard_files",
-    "split_sizes", "write_array_record", "write_dataset", "write_metadata")
+__all__ = ("WORK_DIR", "encode_images", "encode_png", "serialize", "split_shard_files",
+           "write_dataset", "write_metadata")

@@ -18,18 +18,40 @@ Every step prints as it goes; the whole run takes about 10 minutes on 2 cores.
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # before `import jax`, which reads it
+
+# pylint: disable=wrong-import-position
 import argparse
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
+from PIL import Image
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+from imprint_jax import compositing
+from imprint_jax.convert import checkpoint as ckpt_lib
+from imprint_jax.convert.interop import assemble
+from imprint_jax.data import pipeline
+from imprint_jax.data_prep import prepare, synthetic
+from imprint_jax.errors import UserError
+from imprint_jax.models import layers
+from imprint_jax.models.adapter import ContentAdapter
+from imprint_jax.models.dinov2 import Dinov2
+from imprint_jax.models.unet import UNet2DCondition
+from imprint_jax.models.vae import AutoencoderKL
+from imprint_jax.parallel import cpu_runtime
+from imprint_jax.train import loop, run_config
+from imprint_jax.train import setup as setup_lib
 
 
 def _log(msg: str) -> None:
@@ -61,7 +83,6 @@ class DemoConfig:
 
 def build_data(out: Path, cfg: DemoConfig, encoder_size: int, generator_size: int
                ) -> dict[str, str]:
-  from imprint_jax.data_prep import prepare, synthetic
   if out.exists():
     shutil.rmtree(out)  # the demo owns its output folder: start clean
   raw = out / "raw"
@@ -88,15 +109,6 @@ def build_data(out: Path, cfg: DemoConfig, encoder_size: int, generator_size: in
 def train_vae(folders: dict[str, str], out: Path, cfg: DemoConfig, model_cfg):
   """Trains the tiny VAE (reconstruction + 1e-6 KL) on target crops; returns it and the
   latent scaling factor 1/std(latents)."""
-  import jax
-  import jax.numpy as jnp
-  import optax
-  from flax import nnx
-
-  from imprint_jax.data import pipeline
-  from imprint_jax.models import layers
-  from imprint_jax.models.vae import AutoencoderKL
-
   data_cfg = pipeline.DataConfig(sources=((folders["images"], 1.0), (folders["youtube_vos"], 1.0),
                                           (folders["mvimgnet"], 1.0)),
                                  encoder_size=model_cfg["E"], generator_size=model_cfg["G"],
@@ -141,17 +153,6 @@ def train_vae(folders: dict[str, str], out: Path, cfg: DemoConfig, model_cfg):
 
 def stage0_checkpoint(vae, scale: float, out: Path, cfg: DemoConfig, run_cfg) -> Path:
   """An `imprint-jax import`-style checkpoint: random tiny DINOv2/adapter/UNet + the VAE."""
-  from flax import nnx
-
-  from imprint_jax.convert import checkpoint as ckpt_lib
-  from imprint_jax.convert.interop import assemble
-  from imprint_jax.models import layers
-  from imprint_jax.models.adapter import ContentAdapter
-  from imprint_jax.models.dinov2 import Dinov2
-  from imprint_jax.models.unet import UNet2DCondition
-  from imprint_jax.models.vae import AutoencoderKL
-  from imprint_jax.train import setup as setup_lib
-
   mc = setup_lib.model_config(run_cfg)
   vae_cfg = dataclasses.replace(mc.vae, scaling_factor=scale)
   rngs = layers.init_rngs(cfg.seed)
@@ -168,7 +169,6 @@ def stage0_checkpoint(vae, scale: float, out: Path, cfg: DemoConfig, run_cfg) ->
 
 def run_stage(stage: int, folders: dict[str, str], out: Path, cfg: DemoConfig, *, init: Path,
               encoder_from: Path | None, vae_scale: float):
-  from imprint_jax.train import loop, run_config
   c = run_config.load(f"stage{stage}:tiny")
   steps = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
   c.train.num_steps = steps
@@ -202,12 +202,6 @@ def evaluate_composites(ckpt: Path, folders: dict[str, str], out: Path, cfg: Dem
                         E: int, G: int) -> dict:
   """Composites val pairs (object from the record, background = the real target crop, region
   = the object's mask at `mask_level`) and measures the error inside the region."""
-  import jax
-  from PIL import Image
-
-  from imprint_jax import compositing
-  from imprint_jax.data import pipeline
-
   comp = compositing.Compositor.from_checkpoint(ckpt, devices=jax.devices()[:1])
   records = []
   for layout in ("images", "youtube_vos"):
@@ -261,7 +255,6 @@ def main(argv=None) -> int:
   if args.fast:
     cfg = dataclasses.replace(cfg, groups=4, vae_steps=10, stage1_steps=8, stage2_steps=8,
                               eval_pairs=4, sample_steps=4)
-  from imprint_jax.parallel import cpu_runtime
   runtime = cpu_runtime.configure()  # before JAX starts; the demo's own steps run on the CPU
   cpu_runtime.on_platform(os.environ["JAX_PLATFORMS"].split(",")[0])
   out = Path(args.out).absolute()
@@ -269,7 +262,6 @@ def main(argv=None) -> int:
   timings = {}
   t_all = time.time()
 
-  from imprint_jax.train import run_config, setup as setup_lib
   c1 = run_config.load("stage1:tiny")
   E, G = c1.data.encoder_size, c1.data.generator_size
 
@@ -345,7 +337,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-  from imprint_jax.errors import UserError
   try:
     sys.exit(main())
   except UserError as e:

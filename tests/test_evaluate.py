@@ -22,6 +22,7 @@ from flax import nnx
 from PIL import Image
 
 from imprint_jax.configs.common import tiny_model
+from imprint_jax.data_prep import pairs as prep_pairs
 from imprint_jax.data_prep import prepare, synthetic
 from imprint_jax.convert import checkpoint as ckpt_lib
 from imprint_jax.cli import evaluate as evaluate_cli
@@ -267,7 +268,7 @@ def test_pixabay_has_one_pair_per_image_its_largest_instance(testsets, tmp_path)
   groups, _ = reader.list_groups(root)
   largest = {}
   for g in groups:
-    views = prepare.validate_frames(root, reader.group_frames(root, g), PREP, Counter())
+    views = prep_pairs.validate_frames(root, reader.group_frames(root, g), PREP, Counter())
     assert len(views) == 2 and views[0].area != views[1].area
     best = max(views, key=lambda v: v.area)
     largest[best.frame.image] = best.ident

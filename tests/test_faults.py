@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 from imprint_jax.convert import integrity
+from imprint_jax.data_prep import sources
 from imprint_jax.train import run_config
-from imprint_jax.train import data as train_data
 
 pytestmark = pytest.mark.slow
 
@@ -79,7 +79,7 @@ sys.exit(cli.main(argv))
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
   folder = tmp_path_factory.mktemp("data") / "mvimgnet"
-  train_data._prepare_synthetic("mvimgnet", folder, run_config.load("configs/stage1.py:tiny"))
+  sources.prepare_synthetic("mvimgnet", folder, run_config.load("configs/stage1.py:tiny"))
   return str(folder)
 
 

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from imprint_jax import cli
+from imprint_jax.data_prep import sources as data_sources
 from imprint_jax.data import latent_store, pipeline, token_store
 from imprint_jax.data import masks as masks_lib
 from imprint_jax.errors import UserError
@@ -44,7 +45,9 @@ def sources(tmp_path_factory):
   """Two synthetic stage-2 sources, prepared once: [(folder, weight)]."""
   c = run_config.load("stage2:tiny")
   c.data.sources = (("synthetic:images", 2.0), ("synthetic:youtube_vos", 1.0))
-  return train_data.resolve_sources(c, tmp_path_factory.mktemp("data"))
+  workdir = tmp_path_factory.mktemp("data")
+  data_sources.prepare_sources(c, workdir)  # the caller prepares; the trainer only opens
+  return train_data.resolve_sources(c, workdir)
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +221,8 @@ def test_encode_latents_cli(sources, encoded, tmp_path, capsys):
   assert run("--out", str(tmp_path / "t"), "--mask-draws", "0") == 2
   assert "--mask-draws 0" in capsys.readouterr().err
   workdir = str(Path(sources[0][0]).parents[1])
+  prepared = "data.sources=(('synthetic:images', 2.0), ('synthetic:youtube_vos', 1.0))"
   assert run("--out", str(tmp_path / "t"), "--batch", "8", "--mask-draws", "4",
-             "--workdir", workdir) == 2
+             "--workdir", workdir, "--set", prepared) == 2
   assert "needs 11 images per pair" in capsys.readouterr().err
   assert not (tmp_path / "t" / token_store.MANIFEST).exists()

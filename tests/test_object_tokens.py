@@ -2,6 +2,7 @@
 (the training run on tokens is tests/test_latents.py's, on tokens and latents together)."""
 
 import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import pytest
 from flax import nnx
 
 from imprint_jax import cli
+from imprint_jax.data_prep import sources as data_sources
 from imprint_jax.data import pipeline, token_store
 from imprint_jax.errors import UserError
 from imprint_jax.models import layers
@@ -41,7 +43,9 @@ def sources(tmp_path_factory):
   """Two synthetic stage-2 sources, prepared once: [(folder, weight)]."""
   c = run_config.load("configs/stage2.py:tiny")
   c.data.sources = (("synthetic:images", 2.0), ("synthetic:youtube_vos", 1.0))
-  return train_data.resolve_sources(c, tmp_path_factory.mktemp("data"))
+  workdir = tmp_path_factory.mktemp("data")
+  data_sources.prepare_sources(c, workdir)  # the caller prepares; the trainer only opens
+  return train_data.resolve_sources(c, workdir)
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +161,27 @@ def test_bad_token_folders_fail_before_compiling(sources, encoded, tmp_path, mon
   # Another encoder: the random DINOv2 of another seed.
   fails("made by another encoder", tiny(sources, **{"data.object_tokens": str(encoded),
                                                     "seed": 1}))
+
+
+def test_synthetic_sources_are_prepared_by_their_caller(sources, tmp_path):
+  """The trainer only opens prepared folders: an unprepared `synthetic:` source is one line
+  saying how to prepare it; preparing again keeps the folders already there."""
+  c = run_config.load("stage2:tiny")
+  c.data.sources = (("synthetic:images", 2.0), ("synthetic:youtube_vos", 1.0))
+  with pytest.raises(UserError) as e:
+    train_data.resolve_sources(c, tmp_path)
+  assert "\n" not in str(e.value) and "prepare_sources(config, workdir)" in str(e.value)
+  assert not (tmp_path / "data").exists()
+  workdir = Path(sources[0][0]).parents[1]
+  info = Path(sources[0][0]) / "dataset_info.json"
+  before = info.stat().st_mtime_ns
+  assert data_sources.prepare_sources(c, workdir) == {
+      "synthetic:images": Path(sources[0][0]), "synthetic:youtube_vos": Path(sources[1][0])}
+  assert info.stat().st_mtime_ns == before
+  assert train_data.resolve_sources(c, workdir) == sources
+  c.data.sources = (("synthetic:coco", 1.0),)
+  with pytest.raises(UserError, match="unknown layout"):
+    data_sources.prepare_sources(c, tmp_path)
 
 
 def test_encode_objects_cli_errors(sources, encoded, tmp_path, capsys):

@@ -7,9 +7,10 @@ import time
 import numpy as np
 import pytest
 
+from imprint_jax.data import feed, pipeline, schema
 from imprint_jax.data_prep import shards
-from imprint_jax.data import pipeline, schema
 from imprint_jax.errors import UserError
+from imprint_jax.parallel import sharding
 
 E, G = 32, 64
 N_IMG, N_VID = 24, 12
@@ -184,7 +185,7 @@ def test_prefetcher_state_is_the_last_consumed_batch(data):
   cfg = _cfg(data)
   ref_it = iter(pipeline.stage2_dataset(cfg, global_batch=4))
   reference = _take(ref_it, 7)
-  pf = pipeline.Prefetcher(iter(pipeline.stage2_dataset(cfg, global_batch=4)), size=3)
+  pf = feed.Prefetcher(iter(pipeline.stage2_dataset(cfg, global_batch=4)), size=3)
   try:
     assert all(_equal(a, b) for a, b in zip(_take(pf, 2), reference[:2]))
     deadline = time.time() + 30
@@ -197,7 +198,7 @@ def test_prefetcher_state_is_the_last_consumed_batch(data):
     assert state == json.loads(json.dumps(raw.get_state()))
   finally:
     pf.close()
-  resumed = pipeline.Prefetcher(iter(pipeline.stage2_dataset(cfg, global_batch=4)), size=2)
+  resumed = feed.Prefetcher(iter(pipeline.stage2_dataset(cfg, global_batch=4)), size=2)
   try:
     _take(resumed, 1)  # a restored run may have moved on: set_state rewinds it
     resumed.set_state(state)
@@ -231,13 +232,14 @@ def test_to_global_on_a_mesh(data):
     pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
   mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
   batch = next(iter(pipeline.stage2_dataset(_cfg(data), global_batch=8)))
-  out = pipeline.to_global(batch, mesh)
+  out = feed.to_global(batch, sharding.batch_sharding(mesh))
   for k, v in batch.items():
     assert out[k].shape == v.shape
     assert out[k].sharding.spec == P(("data", "fsdp"))
     assert {s.data.shape[0] for s in out[k].addressable_shards} == {1}
     np.testing.assert_array_equal(np.asarray(out[k]), v.astype(out[k].dtype))
-  pf = pipeline.Prefetcher(iter(pipeline.stage2_dataset(_cfg(data), global_batch=8)), mesh)
+  pf = feed.Prefetcher(iter(pipeline.stage2_dataset(_cfg(data), global_batch=8)),
+                       sharding.batch_sharding(mesh))
   try:
     got = next(pf)
     assert isinstance(got["target"], jax.Array)
@@ -297,7 +299,7 @@ class _Failing:
 
 
 def test_prefetcher_surfaces_errors_in_order():
-  pf = pipeline.Prefetcher(_Failing(), size=4)
+  pf = feed.Prefetcher(_Failing(), size=4)
   assert [int(next(pf)["x"][0]) for _ in range(2)] == [1, 2]
   assert pf.get_state() == {"n": 2}
   for _ in range(2):  # raised again on every later call, not a hang

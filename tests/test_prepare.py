@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from imprint_jax.data import crops, prepare, shards, synthetic
+from imprint_jax.data import crops, prepared, schema
+from imprint_jax.data_prep import build, pairs, prepare, shards, synthetic
 from imprint_jax.data_prep.readers import READERS
 from imprint_jax.data_prep.readers import common
-from imprint_jax.data import schema
 from imprint_jax.errors import UserError
 
 E, G = 32, 64
@@ -52,12 +52,12 @@ def _enumerated(source: str, root: Path, cfg: prepare.PrepareConfig) -> dict[str
   for split, split_groups in prepare.assign_splits(source, groups, cfg).items():
     n = 0
     for g in split_groups:
-      views = prepare.validate_frames(root, reader.group_frames(root, g), cfg, Counter(),
+      views = pairs.validate_frames(root, reader.group_frames(root, g), cfg, Counter(),
                                       apply_filters=reader.KIND != "test")
       if reader.KIND == "test":
         n += len(reader.make_test_pairs(root, g, views)[0])
       else:
-        rng = np.random.default_rng(prepare._hash(cfg.seed, source, g.key))
+        rng = np.random.default_rng(pairs.group_hash(cfg.seed, source, g.key))
         n += len(reader.make_pairs(views, cfg, rng))
     counts[split] = n
   return counts
@@ -121,11 +121,11 @@ def test_every_layout_builds_and_reads(raw, tmp_path, source):
   assert json.loads((out / prepare.SUMMARY_FILE).read_text()) == summary
   kind = READERS[source].KIND
   builder = tfds.builder_from_directory(out)
-  features = shards.load_features(out)
+  features = prepared.load_features(out)
   groups_seen = {}
   for split, n in written.items():
     ds = builder.as_data_source(split=split)
-    paths = shards.shard_paths(out, split)
+    paths = prepared.shard_paths(out, split)
     assert len(paths) == CFG.num_shards
     raw_ds = grain.sources.ArrayRecordDataSource(paths)
     assert len(ds) == len(raw_ds) == n
@@ -187,7 +187,7 @@ def test_resume_after_interruption(raw, tmp_path, monkeypatch):
         raise KeyboardInterrupt("simulated interruption")
     return hook
 
-  monkeypatch.setattr(prepare, "_AFTER_UNIT", crash_after(1))
+  monkeypatch.setattr(build, "_AFTER_UNIT", crash_after(1))
   with pytest.raises(KeyboardInterrupt):
     prepare.prepare("mvimgnet", raw["mvimgnet"], out, CFG, progress=False)
   assert not _bytes(out) and not (out / "dataset_info.json").exists()  # nothing published
@@ -195,14 +195,14 @@ def test_resume_after_interruption(raw, tmp_path, monkeypatch):
   # A half-written unit file without its done-marker is never taken as complete.
   (work / "unit-00001.ar").write_bytes(b"partial")
   finished.clear()
-  monkeypatch.setattr(prepare, "_AFTER_UNIT", crash_after(1))
+  monkeypatch.setattr(build, "_AFTER_UNIT", crash_after(1))
   with pytest.raises(KeyboardInterrupt):
     prepare.prepare("mvimgnet", raw["mvimgnet"], out, CFG, progress=False)
   assert finished == [("train", 1)]  # unit 0 was kept, unit 1 redone
   # Losing a finished unit's done-marker makes the next run redo that unit only.
   (work / "unit-00000.json").unlink()
   finished.clear()
-  monkeypatch.setattr(prepare, "_AFTER_UNIT", lambda split, unit: finished.append((split, unit)))
+  monkeypatch.setattr(build, "_AFTER_UNIT", lambda split, unit: finished.append((split, unit)))
   prepare.prepare("mvimgnet", raw["mvimgnet"], out, CFG, progress=False)
   assert finished == [("train", 0), ("val", 0)]
   assert _bytes(out) == _bytes(ref)  # identical to the uninterrupted build
@@ -215,7 +215,7 @@ def test_resume_after_interruption(raw, tmp_path, monkeypatch):
   with pytest.raises(UserError, match="--overwrite"):
     prepare.prepare("mvimgnet", raw["mvimgnet"], out, bigger, progress=False)
   prepare.prepare("mvimgnet", raw["mvimgnet"], out, bigger, progress=False, overwrite=True)
-  assert shards.sizes(out) == (E, 48)
+  assert prepared.sizes(out) == (E, 48)
   with pytest.raises(UserError, match="same --encoder-size"):  # val would not match train
     prepare.prepare("mvimgnet", raw["mvimgnet"], out, CFG, split="train", overwrite=True)
 
@@ -358,9 +358,9 @@ def test_write_dataset_readers(tmp_path):
                               num_shards=3) == [2, 2, 3]
   shards.write_dataset(tmp_path, "val", records[:2], encoder_size=E, generator_size=G)
   ds = tfds.builder_from_directory(tmp_path).as_data_source(split="train")
-  raw_ds = grain.sources.ArrayRecordDataSource(shards.shard_paths(tmp_path, "train"))
-  features = shards.load_features(tmp_path)
-  assert len(ds) == len(raw_ds) == 7 and shards.split_sizes(tmp_path) == {"train": 7, "val": 2}
+  raw_ds = grain.sources.ArrayRecordDataSource(prepared.shard_paths(tmp_path, "train"))
+  features = prepared.load_features(tmp_path)
+  assert len(ds) == len(raw_ds) == 7 and prepared.split_sizes(tmp_path) == {"train": 7, "val": 2}
   for i in (0, 6):
     for ex in (ds[i], features.deserialize_example_np(raw_ds[i])):
       np.testing.assert_array_equal(ex["target"], records[i]["target"])

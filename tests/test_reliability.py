@@ -454,7 +454,6 @@ def test_corrupt_pair_record_stops_or_is_skipped(clean_build, tmp_path, caplog):
 
 
 def test_corrupt_token_record_names_file_and_record(tmp_path):
-  from imprint_jax.data_prep import shards
   from imprint_jax.data import records, token_store
   folder = tmp_path / "tokens"
   shape = (1, 16, 32)  # 1 KiB per record
@@ -466,7 +465,7 @@ def test_corrupt_token_record_names_file_and_record(tmp_path):
   rng = np.random.default_rng(0)
   payloads = [token_store.encode_record(i, rng.standard_normal(shape).astype(np.float16))
               for i in range(5)]
-  shards.write_array_record(path, payloads)
+  records.write_array_record(path, payloads, tmp_path / "tmp")
   src = token_store.TokenSource(str(folder), 0, "pairs", "train")
   assert [token_store.decode_record(src[i], shape)[0] for i in range(5)] == list(range(5))
   clean = path.read_bytes()

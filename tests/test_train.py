@@ -24,6 +24,7 @@ from flax import nnx
 
 from imprint_jax.convert import checkpoint as ckpt_lib
 from imprint_jax.data import pipeline
+from imprint_jax.data_prep import sources as data_sources
 from imprint_jax.errors import UserError
 from imprint_jax.train import loop, optim, run_config
 from imprint_jax.train import data as train_data
@@ -41,7 +42,7 @@ def sources(tmp_path_factory):
   out = {}
   for layout in ("mvimgnet", "images", "youtube_vos"):
     folder = root / layout
-    train_data._prepare_synthetic(layout, folder, c)
+    data_sources.prepare_synthetic(layout, folder, c)
     out[layout] = str(folder)
   return out
 

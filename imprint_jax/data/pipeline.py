@@ -1,6 +1,6 @@
-"""grain input pipelines for the two training stages, and their hand-off to the devices.
+"""grain input pipelines for the two training stages.
 
-  records (ArrayRecord shards, one folder per source; see `schema`)
+  records (prepared dataset folders, one per source; see `prepared` and `schema`)
     -> per source: global shuffle (re-shuffled every epoch), infinite repeat, decode
        (+ resize to the configured sizes)
     -> mix the sources with the configured weights
@@ -11,8 +11,11 @@
     -> iterator: `read_threads` threads per process, each building whole batches
     -> optional multiprocess workers (`num_workers`), each building whole batches, so a
        batch is the same whatever the number of workers or threads
-    -> `Prefetcher`: a background thread assembling global jax.Arrays on the mesh, whose state
-       is that of the last batch the training loop consumed (what a checkpoint must hold).
+    -> `feed.Prefetcher`: a background thread assembling global jax.Arrays with the caller's
+       batch sharding, whose state is that of the last batch the training loop consumed (what
+       a checkpoint must hold).
+
+View datasets (pairs drawn in training) are in `views`.
 
 Batches are dicts of numpy arrays, normalised here (never in the train step):
 
@@ -31,35 +34,32 @@ Batches are dicts of numpy arrays, normalised here (never in the train step):
            masked_target is built from it.
 
 Records are read as raw bytes with grain's ArrayRecordDataSource and decoded in the map step
-(`reader="grain"`, the default), or through `tfds.builder_from_directory(...).as_data_source`
-(`reader="tfds"`), which decodes in the source; both give the same dicts. The two cost the
+(`reader="grain"`, the default), or through TFDS' data source (`reader="tfds"`), which decodes
+in the source; both give the same dicts (`prepared.open_source`). The two cost the
 same per record (both decode with `FeaturesDict.deserialize_example_np`, PNG via PIL); see
 benchmarks/data_throughput.py.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import os
-import queue
-import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
+from absl import flags
+import grain
 import numpy as np
 from PIL import Image
 
 from imprint_jax.data import augment as augment_lib
+from imprint_jax.data import latent_store, prepared, records, schema, token_store
 from imprint_jax.data import masks as masks_lib
-from imprint_jax.data import records
-from imprint_jax.data import schema
-from imprint_jax.data import latent_store, token_store
+from imprint_jax.data.prepared import READERS, decode_record, open_source
+from imprint_jax.data.views import DrawViewPair, view_pairs
 from imprint_jax.errors import UserError
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-READERS = ("grain", "tfds")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,60 +128,7 @@ class DataConfig:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading records.
-
-
-def _dataset_builder(data_dir: str):
-  import tensorflow_datasets as tfds
-  if not os.path.isfile(os.path.join(data_dir, "dataset_info.json")):
-    raise UserError(f"{data_dir}: no dataset_info.json - not a prepared dataset; run "
-                    "`imprint-jax prepare` or fix DataConfig.sources")
-  return tfds.builder_from_directory(data_dir)
-
-
-def open_source(data_dir: str, split: str, reader: str = "grain") -> tuple[Any, Any]:
-  """A random-access source of one split, and the dataset's FeaturesDict.
-
-  Args:
-    data_dir: a prepared dataset folder (dataset_info.json, features.json, shards).
-    split: split name.
-    reader: "grain" -> items are serialized bytes; "tfds" -> items are decoded dicts.
-
-  Returns:
-    (source supporting len() and [i], features); pass items to `decode_record`.
-  """
-  if reader not in READERS:
-    raise UserError(f"DataConfig.reader={reader!r}: expected one of {READERS}")
-  builder = _dataset_builder(data_dir)
-  if split not in builder.info.splits:
-    raise UserError(f"{data_dir}: no split {split!r} (has {sorted(builder.info.splits)}); "
-                    "fix DataConfig.split")
-  if reader == "tfds":
-    return builder.as_data_source(split=split), builder.info.features
-  import grain
-  from tensorflow_datasets.core.data_sources import base as tfds_sources
-  instructions = tfds_sources.file_instructions(builder.info, split)
-  # A record failing riegeli's checksum is named (shard, record) by `records.Checked`.
-  lengths = [i.take if i.take >= 0 else i.examples_in_shard - i.skip for i in instructions]
-  return (records.Checked(grain.sources.ArrayRecordDataSource(instructions),
-                          [i.filename for i in instructions], lengths),
-          builder.info.features)
-
-
-def decode_record(item: Any, features: Any) -> dict[str, Any]:
-  """A record from either reader as a dict of numpy arrays (text fields as str).
-
-  Args:
-    item: serialized bytes (grain reader) or an already decoded dict (tfds reader).
-    features: the dataset's FeaturesDict (`open_source`'s second result).
-
-  Returns:
-    {"object": (E, E, 3) u8, "object_mask": (E, E, 1) u8, "target": (G, G, 3) u8,
-     "target_mask": (G, G, 1) u8, "box": (4,) f32, "pair_id": int64, text fields: str}.
-  """
-  if isinstance(item, (bytes, bytearray, memoryview)):
-    item = features.deserialize_example_np(bytes(item))
-  return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in item.items()}
+# Reading records (the folder itself is opened by `prepared.open_source`).
 
 
 def _without_background(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -225,7 +172,7 @@ class DecodeRecord:
     if self.tokens is not None:
       item, token_item = item
     if self._features is None and isinstance(item, (bytes, bytearray, memoryview)):
-      self._features = _dataset_builder(self.data_dir).info.features
+      self._features = prepared.builder(self.data_dir).info.features
     rec = decode_record(item, self._features)
     if token_item is not None:
       rec["object_tokens"] = self.tokens.decode(token_item, rec["pair_id"])
@@ -242,79 +189,13 @@ class DecodeRecord:
     return rec
 
 
-# ---------------------------------------------------------------------------------------------
-# View datasets: a fresh pair per visit.
-
-
-class ViewPairs:
-  """The objects of a view dataset's split that have an allowed pair, and the draw.
-
-  An allowed pair is an ordered (i, j) of two views of one object, 1 <= |f_i - f_j| <= window
-  (f: the views' frame positions). A draw picks one allowed pair of the object uniformly."""
-
-  def __init__(self, index: Mapping[str, Any], window: int):
-    frames = np.asarray(index["frame_index"], np.int64)
-    self.window = int(window)
-    self.starts, self.frames, self.counts = [], [], []
-    for start, n in index["groups"]:
-      f = frames[start:start + n]
-      partners = self._partners(f)
-      if partners.sum() > 0:
-        self.starts.append(int(start))
-        self.frames.append(f)
-        self.counts.append(np.cumsum(partners))
-
-  def _partners(self, f: np.ndarray) -> np.ndarray:
-    """Per view: the number of other views within the window."""
-    d = np.abs(f[:, None] - f[None, :])
-    return ((d >= 1) & (d <= self.window)).sum(axis=1)
-
-  def __len__(self) -> int:
-    return len(self.starts)
-
-  def draw(self, group: int, rng: np.random.Generator) -> tuple[int, int]:
-    """(object record, target record) of a uniformly drawn allowed pair of `group`."""
-    f, cum = self.frames[group], self.counts[group]
-    r = int(rng.integers(cum[-1]))
-    i = int(np.searchsorted(cum, r, side="right"))
-    d = np.abs(f - f[i])
-    partners = np.flatnonzero((d >= 1) & (d <= self.window))
-    j = int(partners[r - (cum[i - 1] if i else 0)])
-    return self.starts[group] + i, self.starts[group] + j
-
-
-def view_pairs(data_dir: str, split: str, window: int) -> ViewPairs | None:
-  """The ViewPairs of a view dataset's split; None for a dataset of fixed pairs."""
-  index = schema.load_view_index(data_dir, split)
-  return None if index is None else ViewPairs(index, window)
-
-
 def pairs_per_epoch(data_dir: str, split: str, window: int, draws_per_group: int) -> int:
   """Pairs one epoch of `split` holds: the records of a fixed-pair dataset, or objects with an
   allowed pair x draws_per_group for a view dataset."""
   pairs = view_pairs(data_dir, split, window)
   if pairs is not None:
     return len(pairs) * draws_per_group
-  from imprint_jax.data_prep import shards
-  return shards.split_sizes(data_dir).get(split, 0)
-
-
-class DrawViewPair:
-  """Visit index -> a pair record: the object of view i and the target of view j of one
-  object, (i, j) drawn by `ViewPairs.draw` with grain's per-element generator (so the pair
-  depends on the seed and the element's position in the stream: a new one every epoch, the
-  same after a resume). pair_id = object record << 32 | target record."""
-
-  def __init__(self, source, pairs: ViewPairs, decode: DecodeRecord):
-    self.source, self.pairs, self.decode = source, pairs, decode
-
-  def __call__(self, visit: int, rng: np.random.Generator) -> dict[str, Any]:
-    i, j = self.pairs.draw(int(visit) % len(self.pairs), rng)
-    a, b = self.decode(self.source[i]), self.decode(self.source[j])
-    return {"object": a["object"], "object_mask": a["object_mask"], "target": b["target"],
-            "target_mask": b["target_mask"], "box": b["box"], "source": b["source"],
-            "kind": "multiview", "object_id": a["object_id"], "target_id": b["target_id"],
-            "pair_id": np.int64((i << 32) | j)}
+  return prepared.split_sizes(data_dir).get(split, 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,7 +323,6 @@ def mixed_records(cfg: DataConfig):
   Elements are computed lazily on access, so each host only ever reads the records that
   `_HostSlice` selects for it.
   """
-  import grain
   if not cfg.sources:
     raise UserError("DataConfig.sources is empty: give at least one (dataset folder, weight)")
   parts, weights = [], []
@@ -487,51 +367,45 @@ def mixed_records(cfg: DataConfig):
   return grain.MapDataset.mix(parts, weights)
 
 
-def _host_slice_class():
-  import grain
+class _HostSlice(grain.MapDataset):
+  """This host's share of every global batch: elements [p*b, (p+1)*b) of each run of
+  `global_batch` consecutive elements of the global stream.
 
-  class _HostSlice(grain.MapDataset):
-    """This host's share of every global batch: elements [p*b, (p+1)*b) of each run of
-    `global_batch` consecutive elements of the global stream.
+  Global batch g is therefore the same whatever the number of hosts (the concatenation of
+  the hosts' batches g), and so is every element's augmentation, which grain seeds by the
+  element's position in the global stream: a run on 2 hosts sees exactly the batches of a
+  run on 1 host with the same global batch.
+  """
 
-    Global batch g is therefore the same whatever the number of hosts (the concatenation of
-    the hosts' batches g), and so is every element's augmentation, which grain seeds by the
-    element's position in the global stream: a run on 2 hosts sees exactly the batches of a
-    run on 1 host with the same global batch.
-    """
+  def __init__(self, parent, global_batch: int, per_host: int, process_index: int):
+    super().__init__(parent)
+    self._global, self._local, self._offset = global_batch, per_host, process_index * per_host
+    self._length = (len(parent) // global_batch) * per_host
 
-    def __init__(self, parent, global_batch: int, per_host: int, process_index: int):
-      super().__init__(parent)
-      self._global, self._local, self._offset = global_batch, per_host, process_index * per_host
-      self._length = (len(parent) // global_batch) * per_host
+  def __len__(self) -> int:
+    return self._length
 
-    def __len__(self) -> int:
-      return self._length
+  def _global_index(self, index: int) -> int:
+    batch, within = divmod(index, self._local)
+    return batch * self._global + self._offset + within
 
-    def _global_index(self, index: int) -> int:
-      batch, within = divmod(index, self._local)
-      return batch * self._global + self._offset + within
+  def __getitem__(self, index):
+    if isinstance(index, slice):
+      return self.slice(index)
+    return self._parent[self._global_index(index)]
 
-    def __getitem__(self, index):
-      if isinstance(index, slice):
-        return self.slice(index)
-      return self._parent[self._global_index(index)]
-
-    def __str__(self) -> str:
-      return f"HostSlice(global={self._global}, local={self._local}, offset={self._offset})"
-
-  return _HostSlice
+  def __str__(self) -> str:
+    return f"HostSlice(global={self._global}, local={self._local}, offset={self._offset})"
 
 
 def _build(cfg: DataConfig, transform, finish, *, global_batch: int, process_index: int,
            process_count: int):
-  import grain
   batch = per_host_batch(global_batch, process_count)
   if not 0 <= process_index < process_count:
     raise UserError(f"process_index {process_index} not in [0, {process_count})")
   ds = mixed_records(cfg)
   ds = ds.random_map(transform, seed=derive_seed(cfg.seed, 2))
-  ds = _host_slice_class()(ds, global_batch, batch, process_index)
+  ds = _HostSlice(ds, global_batch, batch, process_index)
   # Batching the MapDataset (not the iterator) makes a batch the unit of work: batches are
   # the same whatever the number of workers and threads, and one batch never mixes workers.
   ds = ds.batch(batch, drop_remainder=True).map(finish)
@@ -539,7 +413,6 @@ def _build(cfg: DataConfig, transform, finish, *, global_batch: int, process_ind
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=threads,
                                             prefetch_buffer_size=max(1, cfg.prefetch, threads)))
   if cfg.num_workers > 0:
-    from absl import flags
     if not flags.FLAGS.is_parsed():
       flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
@@ -575,130 +448,3 @@ def stage2_dataset(cfg: DataConfig, *, global_batch: int, process_index: int = 0
   return _build(cfg, Stage2Transform(cfg), _finish_stage2, global_batch=global_batch,
                 process_index=process_index, process_count=process_count)
 
-
-# ---------------------------------------------------------------------------------------------
-# Devices.
-
-
-def to_global(batch: Mapping[str, np.ndarray], mesh, data_axes: Sequence[str] = ("data", "fsdp")):
-  """Assembles each host's batch into global jax.Arrays sharded on the batch dimension.
-
-  Args:
-    batch: this host's arrays, leading dimension b (the per-host batch).
-    mesh: the jax Mesh.
-    data_axes: mesh axes the batch dimension is split over (those absent from the mesh are
-      ignored).
-
-  Returns:
-    The same dict of jax.Arrays with leading dimension b * process_count.
-  """
-  import jax
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  axes = tuple(a for a in data_axes if a in mesh.axis_names)
-  sharding = NamedSharding(mesh, P(axes if axes else None))
-  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
-
-
-_END = object()
-
-
-class Prefetcher:
-  """Keeps `size` batches in flight on the devices, with exact checkpoint state.
-
-  A background thread calls next() on the host iterator and `to_global` (or `transfer`).
-  `get_state()` is the host iterator's state right after the last batch the caller took, so a
-  checkpoint saved after step n resumes at batch n + 1 whatever was prefetched.
-  """
-
-  def __init__(self, iterator: Iterator, mesh=None, *, size: int = 2,
-               data_axes: Sequence[str] = ("data", "fsdp"), transfer=None):
-    """Starts the background thread.
-
-    Args:
-      iterator: a grain DatasetIterator (anything with next/get_state/set_state).
-      mesh: where to place batches; None keeps the numpy batches (unless `transfer`).
-      size: batches in flight.
-      data_axes: mesh axes of the batch dimension, for `to_global`.
-      transfer: optional callable replacing `to_global(batch, mesh, data_axes)`.
-    """
-    if size < 1:
-      raise UserError(f"Prefetcher size {size}: must be at least 1")
-    self._it = iterator
-    self._size = size
-    if transfer is None and mesh is not None:
-      transfer = lambda b: to_global(b, mesh, data_axes)  # noqa: E731
-    self._transfer = transfer
-    self._state = copy.deepcopy(iterator.get_state())
-    self._thread = None
-    self._start()
-
-  def _start(self):
-    self._queue = queue.Queue(maxsize=self._size)
-    self._stop = threading.Event()
-    self._thread = threading.Thread(target=self._run, name="imprint-prefetch", daemon=True)
-    self._thread.start()
-
-  def _put(self, item) -> bool:
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.05)
-        return True
-      except queue.Full:
-        continue
-    return False
-
-  def _run(self):
-    try:
-      while not self._stop.is_set():
-        try:
-          batch = next(self._it)
-        except StopIteration:
-          self._put((_END, None))
-          return
-        state = copy.deepcopy(self._it.get_state())
-        if self._transfer is not None:
-          batch = self._transfer(batch)
-        if not self._put((batch, state)):
-          return
-    except BaseException as e:  # surfaced to the caller by __next__
-      self._put((e, None))
-
-  def _halt(self):
-    if self._thread is None:
-      return
-    self._stop.set()
-    self._thread.join()
-    self._thread = None
-
-  def __iter__(self):
-    return self
-
-  def __next__(self):
-    if self._thread is None:
-      raise RuntimeError("Prefetcher is closed")
-    item, state = self._queue.get()
-    if item is _END or isinstance(item, BaseException):
-      self._queue.put((item, None))  # the thread has ended: keep answering the same way
-      if item is _END:
-        raise StopIteration
-      raise item
-    self._state = state
-    return item
-
-  def get_state(self) -> dict[str, Any]:
-    """The host iterator state after the last batch returned by `__next__` (JSON-able)."""
-    return copy.deepcopy(self._state)
-
-  def set_state(self, state: Mapping[str, Any]) -> None:
-    """Drops the batches in flight and resumes the host iterator from `state`."""
-    self._halt()
-    self._it.set_state(copy.deepcopy(dict(state)))
-    self._state = copy.deepcopy(dict(state))
-    self._start()
-
-  def close(self) -> None:
-    """Stops the thread and closes the host iterator (ends grain's worker processes)."""
-    self._halt()
-    close = getattr(self._it, "close", None)
-    if close is not None:
-      close()

@@ -1,4 +1,8 @@
-"""Corrupt records in ArrayRecord files (pair shards, object tokens): named, then stop or skip.
+"""ArrayRecord files (pair shards, object tokens, latents): atomic writing, and corrupt records
+named, then stop or skip.
+
+`write_array_record` writes a file under a temporary name and renames it once closed, so a
+reader never sees a half-written file (`imprint-jax prepare` and the `encode-*` commands use it).
 
 ArrayRecord files are riegeli files: every chunk (here one record, `group_size:1`) carries a
 64-bit HighwayHash of its data, checked on every read. A damaged record therefore fails to read
@@ -16,7 +20,10 @@ from __future__ import annotations
 import bisect
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from array_record.python import array_record_module
 
 from imprint_jax.errors import UserError
 
@@ -58,10 +65,10 @@ class Checked:
 
 
 def array_record_lengths(files: Sequence[str]) -> list[int]:
-  from array_record.python.array_record_module import ArrayRecordReader
+  """The number of records of each file."""
   out = []
   for f in files:
-    reader = ArrayRecordReader(os.fspath(f))
+    reader = array_record_module.ArrayRecordReader(os.fspath(f))
     try:
       out.append(reader.num_records())
     finally:
@@ -95,3 +102,45 @@ class Skipping:
         log.warning("%s; skipped (%d corrupt records skipped by this process)", e,
                     self.skipped)
     raise UserError(f"every record of a data source is corrupt ({n} records)")
+
+
+def write_array_record(path, payloads: Iterable[bytes], tmp_dir) -> tuple[int, int]:
+  """Writes `payloads` to an ArrayRecord file at `path` atomically.
+
+  The file is written under `tmp_dir` (on the same file system as `path`) and renamed to
+  `path` once closed, so `path` only ever names a complete file. A storage failure (full
+  disk, quota, permissions) is one UserError line; the partial file is removed.
+  Returns (number of records, file size in bytes).
+  """
+  path, tmp_dir = Path(path), Path(tmp_dir)
+  tmp_dir.mkdir(parents=True, exist_ok=True)
+  tmp = tmp_dir / f"{path.name}.tmp{os.getpid()}"
+  writer = array_record_module.ArrayRecordWriter(os.fspath(tmp), "group_size:1")
+  count = 0
+  try:
+    for payload in payloads:
+      try:
+        writer.write(payload)
+      except (RuntimeError, OSError) as e:
+        raise _write_failed(path, e) from None
+      count += 1
+  except BaseException:
+    try:
+      writer.close()
+    except (RuntimeError, OSError):
+      pass  # the first failure is the one to report
+    tmp.unlink(missing_ok=True)
+    raise
+  try:
+    writer.close()  # flushes the last chunk: a full disk often shows only here
+    os.replace(tmp, path)
+  except (RuntimeError, OSError) as e:
+    tmp.unlink(missing_ok=True)
+    raise _write_failed(path, e) from None
+  return count, path.stat().st_size
+
+
+def _write_failed(path: Path, e: BaseException) -> UserError:
+  first = next((l.strip() for l in str(e).splitlines() if l.strip()), type(e).__name__)
+  return UserError(f"{path}: writing failed ({first[:300]}); the partial file was removed")
+

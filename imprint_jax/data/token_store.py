@@ -31,9 +31,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import grain
 import numpy as np
 
-from imprint_jax.data import records
+from imprint_jax.data import prepared, records
 from imprint_jax.errors import UserError
 
 FORMAT = 1
@@ -141,14 +142,13 @@ def decode_record(payload: bytes, shape: tuple[int, int, int]) -> tuple[int, np.
   return pair_id, tokens
 
 
-def check_sources(manifest: dict[str, Any], sources, split_sizes, what: str = "object tokens",
+def check_sources(manifest: dict[str, Any], sources, what: str = "object tokens",
                   command: str = "encode-objects") -> None:
   """The run's data sources must be the ones encoded, in the same order and sizes.
 
   Args:
     manifest: `load_manifest`'s result (or another store's manifest with "sources").
     sources: the run's (folder, weight) pairs.
-    split_sizes: folder -> {split: records} (`data_prep.shards.split_sizes`).
     what, command: the store's contents and the command that writes it (for errors).
   """
   encoded = manifest["sources"]
@@ -159,7 +159,7 @@ def check_sources(manifest: dict[str, Any], sources, split_sizes, what: str = "o
     if Path(folder).resolve() != Path(entry["path"]).resolve():
       raise UserError(f"data source {i} is {folder} but its {what} were encoded from"
                       f" {entry['path']}; rerun `imprint-jax {command}` with this config")
-    sizes = split_sizes(folder)
+    sizes = prepared.split_sizes(folder)
     for split, n in entry["splits"].items():
       if sizes.get(split) != n:
         raise UserError(f"data source {folder}: split {split!r} has {sizes.get(split)} pairs,"
@@ -176,7 +176,6 @@ class RecordSource:
 
   def __init__(self, folder: str, manifest: dict[str, Any], index: int, data_dir: str,
                split: str):
-    import grain
     if index >= len(manifest["sources"]):
       raise UserError(f"{folder}: no {self.what} for data source {index} ({data_dir})")
     self.where = f"{source_dir(folder, index)} ({split})"

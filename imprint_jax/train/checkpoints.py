@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 from imprint_jax.convert import checkpoint as ckpt_lib
@@ -129,7 +130,6 @@ class RunCheckpoints:
       for step in steps:
         (self.dir / str(step)).rename(self.dir / f"corrupt-{step}")
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("imprint-jax: corrupt steps set aside")
     self.manager.reload()
 

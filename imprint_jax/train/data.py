@@ -1,72 +1,54 @@
 """The trainer's side of the input pipeline: sources, iterators, validation batches, samples.
 
 `data.sources` entries are prepared dataset folders (`imprint-jax prepare` output), or
-`synthetic:<layout>` (tiny configs): a small synthetic dataset in that published layout is
-generated and prepared into `<workdir>/data/<layout>` on first use, so a tiny run needs no
-data on disk (with a gs:// workdir: into a local folder named after the settings that shape it).
+`synthetic:<layout>` (tiny configs), which the caller of the run prepares first
+(`imprint_jax.data_prep.sources.prepare_sources`; the `imprint-jax train` command does) into
+`imprint_jax.data.prepared.synthetic_folder(...)`: the trainer only opens prepared folders.
 Prepared folders are read with local file reads: a bucket's through a gcsfuse mount
 (`imprint_jax.storage`).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import jax
 import ml_collections
 
 from imprint_jax import storage
-from imprint_jax.data import augment, pipeline
+from imprint_jax.data import augment, feed, pipeline, prepared
 from imprint_jax.errors import UserError
-
-SYNTHETIC = "synthetic:"
-
-
-def _prepare_synthetic(layout: str, out: Path, c: ml_collections.ConfigDict) -> None:
-  from imprint_jax.data_prep import prepare, synthetic
-  raw = out.parent / f".raw_{layout}"
-  synthetic.generate(raw, synthetic.SyntheticConfig(groups=8, frames=6, seed=c.seed),
-                     layouts=(layout,))
-  cfg = prepare.PrepareConfig(encoder_size=c.data.encoder_size,
-                              generator_size=c.data.generator_size, min_size=16,
-                              val_fraction=0.25, seed=c.seed)
-  prepare.prepare(layout, raw / layout, out, cfg, split="all", workers=1, progress=False)
+from imprint_jax.parallel import sharding
+from imprint_jax.train import samples
+from imprint_jax.train.setup import model_keys
 
 
-def _synthetic_folder(c: ml_collections.ConfigDict, workdir, layout: str) -> Path:
-  if not storage.is_remote(workdir):
-    return Path(os.fspath(workdir)) / "data" / layout
-  # Generated data cannot be prepared into a bucket (prepare writes local files): a local
-  # folder per setting that shapes it, so a resumed run finds the same pairs.
-  name = f"{layout}-seed{c.seed}-e{c.data.encoder_size}-g{c.data.generator_size}"
-  return Path(tempfile.gettempdir()) / "imprint-jax-synthetic" / name
+def _source_folder(path: str, c: ml_collections.ConfigDict, workdir) -> str:
+  """The prepared folder of a `synthetic:<layout>` source (one line if it is not prepared)."""
+  layout = path[len(prepared.SYNTHETIC):]
+  folder = prepared.synthetic_folder(layout, workdir, seed=c.seed,
+                                     encoder_size=c.data.encoder_size,
+                                     generator_size=c.data.generator_size)
+  if not prepared.is_prepared(folder):
+    raise UserError(f"data source {path!r} is not prepared (expected in {folder}): the run's"
+                    " caller prepares synthetic sources (`imprint-jax train` does; in Python"
+                    " call imprint_jax.data_prep.sources.prepare_sources(config, workdir)"
+                    " first)")
+  return str(folder)
 
 
 def resolve_sources(c: ml_collections.ConfigDict, workdir) -> list[tuple[str, float]]:
-  """(dataset folder, weight) per source; synthetic sources are built on first use."""
+  """(prepared dataset folder, weight) per source of `data.sources`."""
   out = []
   for entry in c.data.sources:
     try:
       path, weight = entry
     except (TypeError, ValueError):
       raise UserError(f"data.sources entry {entry!r}: expected (folder, weight)") from None
-    if str(path).startswith(SYNTHETIC):
-      layout = str(path)[len(SYNTHETIC):]
-      folder = _synthetic_folder(c, workdir, layout)
-      if jax.process_index() == 0 and not (folder / "dataset_info.json").exists():
-        _prepare_synthetic(layout, folder, c)
-      if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(f"synthetic {layout}")
-      path = str(folder)
+    if str(path).startswith(prepared.SYNTHETIC):
+      path = _source_folder(str(path), c, workdir)
     path = storage.local_path(path, "data source")
-    if not (Path(path) / "dataset_info.json").is_file():
-      raise UserError(f"data source {path}: not a prepared dataset (no dataset_info.json);"
-                      " run `imprint-jax prepare` first")
-    out.append((str(path), float(weight)))
+    out.append((prepared.require(path), float(weight)))
   if not out:
     raise UserError("data.sources is empty")
   if c.data.get("lut_dir", ""):
@@ -122,17 +104,15 @@ class TrainIterator:
   """Yields (global device batch of the step's keys, this host's pair ids); checkpointable."""
 
   def __init__(self, c, setup, sources):
-    from imprint_jax.train.setup import model_keys
     keys = model_keys(c)
-    mesh = setup.mesh
+    batch_sharding = sharding.batch_sharding(setup.mesh)
 
     def transfer(batch):
-      device = pipeline.to_global({k: batch[k] for k in keys}, mesh)
+      device = feed.to_global({k: batch[k] for k in keys}, batch_sharding)
       return device, batch["pair_id"].tolist()
 
     host = iter(_dataset(c, setup, sources, "train", c.train.global_batch))
-    self._prefetcher = pipeline.Prefetcher(host, size=max(1, c.data.prefetch),
-                                           transfer=transfer)
+    self._prefetcher = feed.Prefetcher(host, size=max(1, c.data.prefetch), transfer=transfer)
 
   def __iter__(self):
     return self
@@ -159,21 +139,20 @@ def val_batches(c, setup, sources) -> list[dict[str, jax.Array]]:
   device arrays), or [] when a source has no val split. They also hold the pixels that sample
   grids use (object; stage 2: target, mask, masked_target) when the step reads precomputed
   tokens or latents instead."""
-  from imprint_jax.data_prep import shards
-  from imprint_jax.train.setup import model_keys
   if not c.eval_every or c.eval_batches <= 0:
     return []
-  if any(shards.split_sizes(p).get(c.data.val_split, 0) == 0 for p, _ in sources):
+  if any(prepared.split_sizes(p).get(c.data.val_split, 0) == 0 for p, _ in sources):
     print(f"note: no {c.data.val_split!r} split in every source; validation is off")
     return []
   ds = _dataset(c, setup, sources, c.data.val_split, c.train.global_batch)
+  batch_sharding = sharding.batch_sharding(setup.mesh)
   it = iter(ds)
   out = []
   for _ in range(c.eval_batches):
     b = next(it)
     pixels = ("object", "target", "mask", "masked_target") if c.stage == 2 else ("object",)
     keys = dict.fromkeys(pixels + model_keys(c))
-    out.append(pipeline.to_global({k: b[k] for k in keys}, setup.mesh))
+    out.append(feed.to_global({k: b[k] for k in keys}, batch_sharding))
   close = getattr(it, "close", None)
   if close:
     close()
@@ -184,5 +163,4 @@ def write_samples(c, setup, state, val_batches, out_dir, step: int):
   """A PNG grid of samples on the first validation batch (process 0 writes it)."""
   if not val_batches:
     return None
-  from imprint_jax.train import samples
   return samples.write_grid(c, setup, state, val_batches[0], out_dir, step)

@@ -33,17 +33,19 @@ import ml_collections
 import numpy as np
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from imprint_jax import storage
-from imprint_jax.data import latent_store, pipeline, token_store
+from imprint_jax.data import latent_store, pipeline, prepared, records, token_store
 from imprint_jax.data import masks as masks_lib
 from imprint_jax.errors import UserError
 from imprint_jax.models import layers
 from imprint_jax.models.dinov2 import Dinov2
 from imprint_jax.models.vae import AutoencoderKL
-from imprint_jax.train import setup as setup_lib
 from imprint_jax.parallel import sharding
+from imprint_jax.train import data as train_data
+from imprint_jax.train import setup as setup_lib
 
 # Relative L2 distance between the probe outputs at encoding time and at training time above
 # which `train` refuses a store. bfloat16 on another platform moves them by ~1e-2 at most;
@@ -122,8 +124,7 @@ def check_vae(setup: setup_lib.Setup, state) -> float:
 
 
 def _splits(c: ml_collections.ConfigDict, folder: str) -> dict[str, int]:
-  from imprint_jax.data_prep import shards
-  sizes = shards.split_sizes(folder)
+  sizes = prepared.split_sizes(folder)
   names = dict.fromkeys(["train", c.data.val_split])
   return {s: sizes[s] for s in names if sizes.get(s, 0) > 0}
 
@@ -182,7 +183,6 @@ class _Store:
                       f" {self.local} per process and call; raise --batch")
     self.per_pair = per_pair
     self.batch_sharding = sharding.batch_sharding(setup.mesh)
-    from imprint_jax.train import data as train_data
     self.sources = train_data.resolve_sources(
         c, storage.path(workdir) if workdir else out.absolute())
 
@@ -190,7 +190,6 @@ class _Store:
     """A batch-sharded global array -> this process's rows."""
     if self.n_proc == 1:
       return np.asarray(y)
-    from jax.experimental import multihost_utils
     return np.asarray(multihost_utils.global_array_to_host_local_array(
         y, self.setup.mesh, P(sharding.BATCH_AXES)))
 
@@ -246,11 +245,10 @@ class _Store:
               for j, (pair_id, _, aux) in enumerate(pairs):
                 yield record(pair_id, y[j * self.per_pair:(j + 1) * self.per_pair], aux)
 
-          from imprint_jax.data_prep import shards
           path = token_store.source_dir(out, i) / token_store.shard_name(split, self.proc,
                                                                          self.n_proc)
           path.parent.mkdir(parents=True, exist_ok=True)
-          count, size = shards.write_array_record(path, payloads(), tmp_dir=out / _TMP)
+          count, size = records.write_array_record(path, payloads(), tmp_dir=out / _TMP)
           if progress and self.proc == 0:
             print(f"source {i} {split}: {count} pairs x {self.per_pair} images on this"
                   f" process, {size / 2**20:.1f} MiB, {time.time() - t0:.0f} s")
@@ -258,7 +256,6 @@ class _Store:
       pool.shutdown()
     self._upload(exclude=(token_store.PROBE, token_store.MANIFEST))
     if self.n_proc > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f"{what} written")
     return entries
 
@@ -304,7 +301,7 @@ def encode(c: ml_collections.ConfigDict, out: str | os.PathLike, *, variants: in
     out: the token folder to create (must not hold a finished encoding).
     variants: perturbations stored per pair (a training step picks one at random).
     batch: images per encoder call over all processes (default: train.global_batch).
-    workdir: where the run builds `synthetic:` data sources (the training workdir).
+    workdir: the training workdir, where `synthetic:` data sources are prepared.
     progress: print one line per split.
 
   Returns:
@@ -321,7 +318,6 @@ def encode(c: ml_collections.ConfigDict, out: str | os.PathLike, *, variants: in
   dinov2_state = setup_lib.init_model(setup)["dinov2"]
   probe = probe_tokens(setup, dinov2_state)
   E = c.data.encoder_size
-  from imprint_jax.train import data as train_data
   transform = pipeline.Stage2Transform(train_data.data_config(c, store.sources, "train"))
 
   def inputs(rec, i, index):
@@ -355,7 +351,7 @@ def encode_latents(c: ml_collections.ConfigDict, out: str | os.PathLike, *, mask
     mask_draws: masks stored per pair at levels 2 and 3 (1 and 4 have no random draws).
     batch: images per encoder call over all processes (default: train.global_batch); each
       pair takes 1 + (number of stored masks) images.
-    workdir: where the run builds `synthetic:` data sources (the training workdir).
+    workdir: the training workdir, where `synthetic:` data sources are prepared.
     progress: print one line per split.
 
   Returns:

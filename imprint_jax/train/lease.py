@@ -31,6 +31,11 @@ import time
 import uuid
 from typing import Any
 
+import jax
+from jax.experimental import multihost_utils
+import numpy as np
+import tensorstore as ts
+
 from imprint_jax.errors import UserError
 
 LEASE = "lease.json"
@@ -39,7 +44,6 @@ log = logging.getLogger("imprint_jax.train")
 
 
 def _kvstore(workdir: str):
-  import tensorstore as ts
   workdir = os.fspath(workdir).rstrip("/") + "/"
   if workdir.startswith("gs://"):
     bucket, _, prefix = workdir[len("gs://"):].partition("/")
@@ -196,11 +200,8 @@ class NoLease:
 def hold(workdir, *, ttl_s: float, takeover: bool):
   """The run's lease, taken (use it as a context manager to release it): by process 0; in a multi-process run the others learn whether
   process 0 got it (a collective) and fail with it."""
-  import jax
   if jax.process_count() == 1:
     return Lease(workdir, ttl_s=ttl_s, takeover=takeover).start()
-  import numpy as np
-  from jax.experimental import multihost_utils
   lease, error = NoLease(), None
   if jax.process_index() == 0:
     try:

@@ -35,16 +35,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 from etils import epath
 
 from imprint_jax import storage
 from imprint_jax.parallel import cpu_runtime
-from imprint_jax.data import token_store
+from imprint_jax.data import latent_store, token_store
 from imprint_jax.errors import UserError
 from imprint_jax.models import layers
 from imprint_jax.train import data as train_data
+from imprint_jax.train import encode_objects
 from imprint_jax.train import lease as lease_lib
 from imprint_jax.train import setup as setup_lib
 from imprint_jax.parallel import sharding
@@ -92,7 +97,6 @@ class _Preemption:
     logging intervals only when there are several processes)."""
     if jax.process_count() == 1:
       return self.requested
-    from jax.experimental import multihost_utils
     flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
     return bool(np.asarray(flags).any())
 
@@ -119,7 +123,6 @@ class _Writers:
         # Drop lines written after the checkpoint we resume from: they will be recomputed.
         self.lines = [l for l in self.lines if json.loads(l).get("step", 0) <= resume_step]
         self.dirty = True
-    from tensorboardX import SummaryWriter
     self.tb_dir = workdir / "tensorboard"
     self.tb_local = (tempfile.mkdtemp(prefix="imprint-jax-tb-")
                      if storage.is_remote(workdir) else None)
@@ -165,7 +168,6 @@ def _use_compilation_cache(c: ml_collections.ConfigDict) -> None:
   if folder:
     folder = str(storage.path(folder))
     if jax.config.jax_compilation_cache_dir != folder:
-      from jax.experimental.compilation_cache import compilation_cache
       jax.config.update("jax_compilation_cache_dir", folder)
       compilation_cache.reset_cache()  # the cache binds its folder at the first compile
   if jax.config.jax_compilation_cache_dir:
@@ -309,14 +311,10 @@ def _train(config, workdir: epath.Path, *, resume: bool, stop_after: int | None,
   setup = setup_lib.build(c, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
   phases = setup_lib.check_phases(c, setup.boundaries, total_steps)
   if setup_lib.uses_object_tokens(c):
-    from imprint_jax.data_prep import shards
-    token_store.check_sources(token_store.load_manifest(c.data.object_tokens), sources,
-                              shards.split_sizes)
+    token_store.check_sources(token_store.load_manifest(c.data.object_tokens), sources)
   if setup_lib.uses_latents(c):
-    from imprint_jax.data import latent_store
-    from imprint_jax.data_prep import shards
-    token_store.check_sources(latent_store.load_manifest(c.data.latents), sources,
-                              shards.split_sizes, "latents", latent_store.COMMAND)
+    token_store.check_sources(latent_store.load_manifest(c.data.latents), sources, "latents",
+                              latent_store.COMMAND)
 
   ckpts = RunCheckpoints(workdir, keep=c.keep_checkpoints, use_async=c.async_checkpoints)
   latest = ckpts.latest_step()
@@ -338,12 +336,10 @@ def _train(config, workdir: epath.Path, *, resume: bool, stop_after: int | None,
     start = 0
     log.info("initialised the state in %.1f s", time.time() - t0)
   if setup_lib.uses_object_tokens(c):
-    from imprint_jax.train import encode_objects
     dist = encode_objects.check_encoder(setup, state)
     log.info("object tokens from %s: made by this run's encoder (probe distance %.2g)",
              c.data.object_tokens, dist)
   if setup_lib.uses_latents(c):
-    from imprint_jax.train import encode_objects
     dist = encode_objects.check_vae(setup, state)
     log.info("latents from %s: made by this run's VAE (probe distance %.2g)", c.data.latents,
              dist)
@@ -376,7 +372,6 @@ def _train(config, workdir: epath.Path, *, resume: bool, stop_after: int | None,
   progress = None
   t_start, start_step = time.time(), start
   if jax.process_index() == 0 and sys.stderr.isatty():  # a bar on a terminal, lines elsewhere
-    from tqdm import tqdm
     progress = tqdm(total=total_steps, initial=start, desc=f"stage {setup.stage}",
                     dynamic_ncols=True, file=sys.stderr)
   window: collections.deque = collections.deque()

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import ml_collections
 
+from imprint_jax import configs
 from imprint_jax.errors import UserError
 
 
 def packaged_configs() -> list[str]:
   """The names `--config` accepts besides file paths (`imprint_jax.configs`' modules)."""
-  from imprint_jax import configs
   return sorted(m.name for m in pkgutil.iter_modules(configs.__path__)
                 if hasattr(importlib.import_module(f"imprint_jax.configs.{m.name}"),
                            "get_config"))
