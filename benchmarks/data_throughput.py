@@ -5,7 +5,7 @@
 
 Without --data it writes a synthetic dataset (procedural photo-like images, two sources:
 'image' pairs that get the full perturbation and 'video' pairs, mixed 0.56 : 0.44 like the
-paper's stage-2 set) with data_prep.shards.write_dataset into a temporary folder. It then
+paper's stage-2 set) with imprint_jax.data_prep.shards.write_dataset into a temporary folder. It then
 times the full stage-2 pipeline (read, decode, augment, mask, batch, normalise) in-process and
 with 1 and 2 grain workers, times each step on its own, and prints one table next to the rate
 a training step needs: by default the MLPerf SD anchor, ~87 img/s per v5p chip, times the
@@ -24,12 +24,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from absl import logging as absl_logging
 import numpy as np
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from imprint_jax.data import augment, masks, pipeline, schema  # noqa: E402
+from imprint_jax.data import augment, masks, pipeline, prepared, schema  # noqa: E402
+from imprint_jax.data_prep import shards  # noqa: E402
 
 MLPERF_SD_V5P_IMGS_PER_CHIP = 87.0  # MLPerf Training SD v2, 512^2, v5p at 8 chips
 
@@ -75,7 +77,6 @@ def synthetic_records(n: int, kind: str, encoder_size: int, generator_size: int,
 
 
 def build_synthetic(root: Path, n: int, encoder_size: int, generator_size: int):
-  from imprint_jax.data_prep import shards
   n_img = int(round(n * 0.56))
   sources = []
   for kind, count, weight in (("image", n_img, 0.56), ("video", n - n_img, 0.44)):
@@ -91,15 +92,15 @@ def build_synthetic(root: Path, n: int, encoder_size: int, generator_size: int):
 def time_steps(cfg: pipeline.DataConfig, n: int) -> dict[str, float]:
   """Per-pair cost (ms) of each step, single thread, over n records."""
   data_dir = cfg.sources[0][0]
-  src, features = pipeline.open_source(data_dir, cfg.split, "grain")
-  tsrc, _ = pipeline.open_source(data_dir, cfg.split, "tfds")
+  src, features = prepared.open_source(data_dir, cfg.split, "grain")
+  tsrc, _ = prepared.open_source(data_dir, cfg.split, "tfds")
   n = min(n, len(src))
   out = {}
   t = time.perf_counter()
   raw = [src[i] for i in range(n)]
   out["read bytes (grain ArrayRecord)"] = time.perf_counter() - t
   t = time.perf_counter()
-  recs = [pipeline.decode_record(r, features) for r in raw]
+  recs = [prepared.decode_record(r, features) for r in raw]
   out["decode (deserialize_example_np)"] = time.perf_counter() - t
   t = time.perf_counter()
   for i in range(n):
@@ -163,7 +164,6 @@ def main(argv=None):
   p.add_argument("--chips-per-host", type=int, default=4)
   args = p.parse_args(argv)
 
-  from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.ERROR)  # tfds' "OpenCV is not installed" notice
 
   with tempfile.TemporaryDirectory() as tmp:

@@ -41,7 +41,7 @@ from PIL import Image
 from imprint_jax import compositing
 from imprint_jax.convert import checkpoint as ckpt_lib
 from imprint_jax.convert.interop import assemble
-from imprint_jax.data import pipeline
+from imprint_jax.data import pipeline, prepared
 from imprint_jax.data_prep import prepare, synthetic
 from imprint_jax.errors import UserError
 from imprint_jax.models import layers
@@ -205,9 +205,9 @@ def evaluate_composites(ckpt: Path, folders: dict[str, str], out: Path, cfg: Dem
   comp = compositing.Compositor.from_checkpoint(ckpt, devices=jax.devices()[:1])
   records = []
   for layout in ("images", "youtube_vos"):
-    source, features = pipeline.open_source(folders[layout], "val")
+    source, features = prepared.open_source(folders[layout], "val")
     for i in range(min(len(source), cfg.eval_pairs // 2)):
-      records.append(pipeline.decode_record(source[i], features))
+      records.append(prepared.decode_record(source[i], features))
   jobs = []
   for k, rec in enumerate(records):
     jobs.append(comp.prepare(rec["object"], rec["target"], object_mask=rec["object_mask"][..., 0],

@@ -12,7 +12,7 @@ from flax import nnx
 
 from imprint_jax import cli
 from imprint_jax.data_prep import sources as data_sources
-from imprint_jax.data import latent_store, pipeline, token_store
+from imprint_jax.data import latent_store, pipeline, prepared, token_store
 from imprint_jax.data import masks as masks_lib
 from imprint_jax.errors import UserError
 from imprint_jax.models import layers
@@ -71,7 +71,7 @@ def test_stored_latents_are_the_vae_posteriors_of_target_and_masked_backgrounds(
   c = tiny(sources)
   vae = _model(c).vae
   for i, (folder, _) in enumerate(sources):
-    records, _ = pipeline.open_source(folder, "val", "grain")
+    records, _ = prepared.open_source(folder, "val", "grain")
     store = latent_store.LatentSource(str(encoded), i, folder, "val")
     assert len(store) == len(records) == manifest["sources"][i]["splits"]["val"] > 0
     decode = pipeline.DecodeRecord(folder, c.data.encoder_size, c.data.generator_size)

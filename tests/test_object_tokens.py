@@ -12,7 +12,7 @@ from flax import nnx
 
 from imprint_jax import cli
 from imprint_jax.data_prep import sources as data_sources
-from imprint_jax.data import pipeline, token_store
+from imprint_jax.data import pipeline, prepared, token_store
 from imprint_jax.errors import UserError
 from imprint_jax.models import layers
 from imprint_jax.models.imprint import Imprint
@@ -71,7 +71,7 @@ def test_stored_tokens_are_the_encoder_on_the_perturbed_objects(sources, encoded
   model = _model(c)
   transform = pipeline.Stage2Transform(train_data.data_config(c, sources, "train"))
   for i, (folder, _) in enumerate(sources):
-    records, _ = pipeline.open_source(folder, "train", "grain")
+    records, _ = prepared.open_source(folder, "train", "grain")
     tokens = token_store.TokenSource(str(out), i, folder, "train")
     assert len(tokens) == len(records) == manifest["sources"][i]["splits"]["train"]
     decode = pipeline.DecodeRecord(folder, c.data.encoder_size, c.data.generator_size)

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from imprint_jax.data import feed, pipeline, schema
+from imprint_jax.data import feed, pipeline, prepared, schema
 from imprint_jax.data_prep import shards
 from imprint_jax.errors import UserError
 from imprint_jax.parallel import sharding
@@ -273,8 +273,8 @@ def test_readers_agree_and_sizes_are_resampled(data):
   c = next(iter(pipeline.stage2_dataset(cfg, global_batch=2)))
   assert c["object"].shape == (2, 16, 16, 3) and c["mask"].shape == (2, 48, 48, 1)
   assert set(np.unique(c["mask"])) <= {0.0, 1.0}
-  src, features = pipeline.open_source(img, "train")
-  rec = pipeline.decode_record(src[0], features)
+  src, features = prepared.open_source(img, "train")
+  rec = prepared.decode_record(src[0], features)
   assert rec["kind"] == "image" and rec["object"].shape == (E, E, 3)
   assert int(rec["pair_id"]) in records
 

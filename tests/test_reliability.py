@@ -422,9 +422,9 @@ def _corrupt_copy(clean: Path, dest: Path) -> Path:
 
 
 def test_corrupt_pair_record_stops_or_is_skipped(clean_build, tmp_path, caplog):
-  from imprint_jax.data import pipeline, records
+  from imprint_jax.data import pipeline, prepared, records
   shard = _corrupt_copy(clean_build, tmp_path / "pairs")
-  source, _ = pipeline.open_source(str(tmp_path / "pairs"), "train")
+  source, _ = prepared.open_source(str(tmp_path / "pairs"), "train")
   bad = []
   for i in range(len(source)):
     try:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from imprint_jax.data_prep import prepare, synthetic
-from imprint_jax.data import pipeline, schema
+from imprint_jax.data import pipeline, prepared, schema
 from imprint_jax.errors import UserError
 
 E, G = 32, 64
@@ -32,8 +32,8 @@ def views(tmp_path_factory):
 
 
 def _records(folder):
-  source, features = pipeline.open_source(folder, "train")
-  return [pipeline.decode_record(source[i], features) for i in range(len(source))]
+  source, features = prepared.open_source(folder, "train")
+  return [prepared.decode_record(source[i], features) for i in range(len(source))]
 
 
 def _frame(ident: str) -> str:
