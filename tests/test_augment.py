@@ -8,6 +8,8 @@ from scipy import ndimage
 
 from imprint_jax.data import augment, schema
 from imprint_jax.errors import UserError
+from imprint_jax.train import data as train_data
+from imprint_jax.train import run_config
 
 E = 64
 COLOUR = np.array([200, 30, 60], np.uint8)
@@ -179,8 +181,6 @@ def test_bad_cube_files_are_one_line_errors(tmp_path):
 
 
 def test_run_config_lut_dir_reaches_the_pipeline(tmp_path):
-  from imprint_jax.train import data as train_data
-  from imprint_jax.train import run_config
   _write_cube(tmp_path / "x.cube", 2, lambda r, g, b: (r, g, b))
   c = run_config.load("configs/stage2.py:tiny")
   assert train_data.data_config(c, [], "train").augment.lut_dir == ""  # synthetic by default

@@ -4,6 +4,7 @@
 import os
 from pathlib import Path
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,7 +201,6 @@ def test_encode_objects_cli_errors(sources, encoded, tmp_path, capsys):
 def test_encode_objects_to_gs_uploads_the_same_store(sources, encoded, gcs, tmp_path):
   """`--out gs://...`: the store is written locally and uploaded (manifest last); it holds the
   same files, byte for byte, as the local encoding, and nothing local is left."""
-  from etils import epath
   remote = epath.Path(f"{gcs}/tokens-{tmp_path.name}")
   got = encode_objects.encode(tiny(sources), os.fspath(remote), variants=VARIANTS,
                               progress=False)

@@ -4,6 +4,8 @@ import dataclasses
 import json
 import time
 
+import jax
+from jax.sharding import AxisType, PartitionSpec as P
 import numpy as np
 import pytest
 
@@ -226,8 +228,6 @@ def test_worker_processes_match_in_process_and_resume(data):
 
 
 def test_to_global_on_a_mesh(data):
-  import jax
-  from jax.sharding import AxisType, PartitionSpec as P
   if jax.device_count() < 8:
     pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
   mesh = jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)

@@ -10,9 +10,12 @@ import json
 from pathlib import Path
 import shutil
 
+import grain
 import numpy as np
+from PIL import Image
 import pytest
 from scipy import ndimage
+import tensorflow_datasets as tfds
 
 from imprint_jax.data import crops, prepared, schema
 from imprint_jax.data_prep import build, pairs, prepare, shards, synthetic
@@ -109,8 +112,6 @@ def _check_record(ex: dict, source: str, kind: str) -> None:
 
 @pytest.mark.parametrize("source", synthetic.LAYOUTS)
 def test_every_layout_builds_and_reads(raw, tmp_path, source):
-  import grain
-  import tensorflow_datasets as tfds
   out = tmp_path / "out"
   summary = prepare.prepare(source, raw[source], out, CFG, workers=1, progress=False)
   enumerated = _enumerated(source, raw[source], CFG)
@@ -259,7 +260,6 @@ def test_vipseg_release_layout_matches_coco_layout(raw, tmp_path):
   (root / "panoptic_gt_VIPSeg.json").unlink()  # now only imgs/ + 16-bit panomasks/
   summary = prepare.prepare("vipseg", root, tmp_path / "out", CFG, progress=False)
   assert sum(s["pairs"] for s in summary["splits"].values()) == _closed_form("vipseg")
-  import tensorflow_datasets as tfds
   ds = tfds.builder_from_directory(tmp_path / "out").as_data_source(split="train")
   # Instances are things only (value = category * 100 + k >= 125), never stuff.
   assert all(int(ds[i]["object_id"].decode().split("#")[1]) >= 125 for i in range(len(ds)))
@@ -340,8 +340,6 @@ def test_filters():
 
 
 def test_write_dataset_readers(tmp_path):
-  import grain
-  import tensorflow_datasets as tfds
   rng = np.random.default_rng(0)
 
   def record(i):
@@ -405,7 +403,6 @@ def test_everything_filtered_out(raw, tmp_path):
 
 
 def test_exif_orientation_is_applied(tmp_path):
-  from PIL import Image
   pixels = np.zeros((20, 40, 3), np.uint8)  # stored 40 wide, 20 high
   pixels[:, :10] = 255
   exif = Image.Exif()

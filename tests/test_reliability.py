@@ -9,6 +9,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,11 +17,14 @@ import time
 import types
 from pathlib import Path
 
+from array_record.python import array_record_module as arm
 import jax
 import numpy as np
 import pytest
 
 from imprint_jax.convert import integrity
+from imprint_jax.data import pipeline, prepared, records, token_store
+from imprint_jax.data_prep import prepare, synthetic
 from imprint_jax.errors import UserError
 from imprint_jax.train import lease as lease_lib
 from imprint_jax.train.checkpoints import RunCheckpoints
@@ -213,7 +217,6 @@ def test_full_disk_during_checkpoint_save(small_disk):
 
 @pytest.fixture(scope="module")
 def raw_mvimgnet(tmp_path_factory):
-  from imprint_jax.data_prep import synthetic
   cfg = synthetic.SyntheticConfig(groups=3, frames=5, frame_size=96, objects=2, seed=3)
   return synthetic.generate(tmp_path_factory.mktemp("raw"), cfg,
                             layouts=("mvimgnet",))["mvimgnet"]
@@ -230,7 +233,6 @@ def _files(folder: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def clean_build(raw_mvimgnet, tmp_path_factory) -> Path:
-  from imprint_jax.data_prep import prepare
   args = argparse.ArgumentParser()
   prepare.add_arguments(args)
   out = tmp_path_factory.mktemp("clean") / "pairs"
@@ -247,8 +249,6 @@ def test_writer_failing_part_way_in_prepare(raw_mvimgnet, clean_build, tmp_path,
                                             phase):
   """An ArrayRecord writer that fails part way like a full disk does (riegeli's RuntimeError):
   one line, the partial file removed, finished work units kept for the rerun."""
-  from array_record.python import array_record_module as arm
-  from imprint_jax.data_prep import prepare
   real = arm.ArrayRecordWriter
   writes = {"n": 0}
   fail_after = 2 if phase == 1 else _pairs(clean_build) + 2  # each record: unit, then shard
@@ -412,7 +412,6 @@ def test_second_train_on_a_workdir_is_refused(tmp_path):
 
 
 def _corrupt_copy(clean: Path, dest: Path) -> Path:
-  import shutil
   shutil.copytree(clean, dest, ignore=shutil.ignore_patterns(".prepare"))
   shard = next(dest.glob("imprint_pairs-train.array_record-*"))
   # Inside the records (the 64 KiB block headers and the footer hold the file's index: a
@@ -422,7 +421,6 @@ def _corrupt_copy(clean: Path, dest: Path) -> Path:
 
 
 def test_corrupt_pair_record_stops_or_is_skipped(clean_build, tmp_path, caplog):
-  from imprint_jax.data import pipeline, prepared, records
   shard = _corrupt_copy(clean_build, tmp_path / "pairs")
   source, _ = prepared.open_source(str(tmp_path / "pairs"), "train")
   bad = []
@@ -454,7 +452,6 @@ def test_corrupt_pair_record_stops_or_is_skipped(clean_build, tmp_path, caplog):
 
 
 def test_corrupt_token_record_names_file_and_record(tmp_path):
-  from imprint_jax.data import records, token_store
   folder = tmp_path / "tokens"
   shape = (1, 16, 32)  # 1 KiB per record
   folder.mkdir()

@@ -38,7 +38,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 from etils import epath
@@ -123,6 +122,9 @@ class _Writers:
         # Drop lines written after the checkpoint we resume from: they will be recomputed.
         self.lines = [l for l in self.lines if json.loads(l).get("step", 0) <= resume_step]
         self.dirty = True
+    # Here, not at the head: tensorboardX imports torch when it is installed, and the
+    # training path runs without the torch extra (tests/test_packaging.py).
+    from tensorboardX import SummaryWriter
     self.tb_dir = workdir / "tensorboard"
     self.tb_local = (tempfile.mkdtemp(prefix="imprint-jax-tb-")
                      if storage.is_remote(workdir) else None)
