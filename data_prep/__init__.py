@@ -10,6 +10,6 @@
   sources    `synthetic:<layout>` data sources of a run config -> prepared folders
 
 Crop geometry and image loading are shared with compositing in `imprint_jax.data.crops`.
-This package may import `imprint_jax.data`, `errors`, `storage` and `progress`; nothing in
-`imprint_jax` imports it (only the command line and the demo).
+This package may import `imprint_jax.data`, `errors` and `progress` (no JAX: it needs no
+devices); nothing in `imprint_jax` imports it (only the command line and the demo).
 """

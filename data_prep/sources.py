@@ -2,7 +2,8 @@
 
 Tiny configs (`configs/stage*.py:tiny`) train on `synthetic:<layout>` sources, so that a run
 needs no data on disk. The trainer only opens prepared folders; whoever starts a run prepares
-these first (the `imprint-jax train`, `encode-objects` and `encode-latents` commands, tests):
+these first (the `imprint-jax train`, `encode-objects` and `encode-latents` commands, on every
+host with process 0 building and a barrier; tests):
 
   from imprint_jax.data_prep import sources
   sources.prepare_sources(config, workdir)    # then train.loop.train(config, workdir)
@@ -16,13 +17,11 @@ a folder already prepared is kept. The config itself is unchanged (it still name
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
-import jax
-from jax.experimental import multihost_utils
 import ml_collections
 
-from imprint_jax import storage
 from imprint_jax.data import prepared
 from imprint_jax.data_prep import prepare, synthetic
 from imprint_jax.errors import UserError
@@ -44,14 +43,23 @@ def prepare_synthetic(layout: str, out, config: ml_collections.ConfigDict) -> No
   prepare.prepare(layout, raw / layout, out, cfg, split="all", workers=1, progress=False)
 
 
-def prepare_sources(config: ml_collections.ConfigDict, workdir: str | os.PathLike
-                    ) -> dict[str, Path]:
+def prepare_sources(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+                    main_process: bool = True,
+                    barrier: Callable[[str], None] | None = None) -> dict[str, Path]:
   """Prepares the config's `synthetic:<layout>` sources for a run in `workdir`.
 
-  Process 0 builds what is missing; with several JAX processes all wait for it at a barrier
-  (call it on every process). Returns {source: prepared folder} for the synthetic sources.
+  Args:
+    config: the run config (data.sources, data.encoder_size/generator_size, seed).
+    workdir: the run's workdir (local, or gs:// for which a local folder is used).
+    main_process: whether this process builds what is missing. With several JAX processes,
+      call it on every process with jax.process_index() == 0 here and
+    barrier: e.g. jax.experimental.multihost_utils.sync_global_devices, called with a name
+      after each source, so that no process reads a source before it is complete (JAX stays
+      the caller's: data preparation needs no devices).
+
+  Returns:
+    {source: prepared folder} for the synthetic sources.
   """
-  workdir = storage.path(workdir)  # as the trainer sees it: absolute, or a gs:// URL
   out = {}
   for entry in config.data.sources:
     path = str(entry[0]) if isinstance(entry, (tuple, list)) and entry else ""
@@ -64,9 +72,9 @@ def prepare_sources(config: ml_collections.ConfigDict, workdir: str | os.PathLik
     folder = prepared.synthetic_folder(layout, workdir, seed=config.seed,
                                        encoder_size=config.data.encoder_size,
                                        generator_size=config.data.generator_size)
-    if jax.process_index() == 0 and not prepared.is_prepared(folder):
+    if main_process and not prepared.is_prepared(folder):
       prepare_synthetic(layout, folder, config)
-    if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f"synthetic {layout}")
+    if barrier is not None:
+      barrier(f"synthetic {layout}")
     out[path] = folder
   return out

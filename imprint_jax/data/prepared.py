@@ -42,7 +42,6 @@ import grain
 import tensorflow_datasets as tfds
 from tensorflow_datasets.core.data_sources import base as tfds_sources
 
-from imprint_jax import storage
 from imprint_jax.data import records
 from imprint_jax.errors import UserError
 
@@ -50,6 +49,9 @@ DATASET_NAME = "imprint_pairs"
 INFO_FILE = "dataset_info.json"
 READERS = ("grain", "tfds")
 SYNTHETIC = "synthetic:"
+# A workdir given as a URL (gs://...), as `imprint_jax.storage.is_remote` tells them apart. Not
+# that module itself: data preparation reads this one and needs none of storage's checkpointing.
+_URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
 
 
 def shard_re(name: str = DATASET_NAME) -> re.Pattern:
@@ -80,12 +82,13 @@ def synthetic_folder(layout: str, workdir, *, seed: int, encoder_size: int,
                      generator_size: int) -> Path:
   """Where a run in `workdir` finds its `synthetic:<layout>` source once prepared.
 
-  `<workdir>/data/<layout>`; with a remote (gs://) workdir a local folder named after the
-  settings that shape the data, so a resumed run finds the same pairs (prepare writes local
-  files, not a bucket's).
+  `<workdir>/data/<layout>` (absolute); with a remote (gs://) workdir a local folder named
+  after the settings that shape the data, so a resumed run finds the same pairs (prepare
+  writes local files, not a bucket's).
   """
-  if not storage.is_remote(workdir):
-    return Path(os.fspath(workdir)) / "data" / layout
+  text = os.fspath(workdir)
+  if not _URL.match(text):
+    return Path(os.path.abspath(os.path.expanduser(text))) / "data" / layout
   name = f"{layout}-seed{seed}-e{encoder_size}-g{generator_size}"
   return Path(tempfile.gettempdir()) / "imprint-jax-synthetic" / name
 
