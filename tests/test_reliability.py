@@ -360,13 +360,12 @@ def test_lease_takeover(tmp_path, caplog):
 
 
 RACER = """
-import sys, time
+import os, sys, time
 from imprint_jax.errors import UserError
 from imprint_jax.train import lease
-start = float(sys.argv[2])
-if time.time() > start:
-  print("late", flush=True)
-while time.time() < start:
+ready = sys.argv[2]
+open(os.path.join(ready, sys.argv[3]), "w").close()
+while len(os.listdir(ready)) < 4:  # every starter has imported: all race from here
   pass
 try:
   held = lease.Lease(sys.argv[1], ttl_s=60).start()
@@ -383,9 +382,10 @@ def test_lease_race_has_one_winner(tmp_path, stale):
   """Starters racing for a free (or an expired) lease: exactly one gets it."""
   if stale:
     _write_holder(tmp_path, renewed=time.time() - 100)
-  start = time.time() + 4.0  # all four have imported by then (about 1.5 s each, here)
-  procs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(start)],
-                            cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(4)]
+  ready = tmp_path / "ready"
+  ready.mkdir()
+  procs = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path), str(ready), str(i)],
+                            cwd=REPO, stdout=subprocess.PIPE, text=True) for i in range(4)]
   results = sorted(p.communicate(timeout=60)[0].strip() for p in procs)
   assert results == ["refused"] * 3 + ["won"], results
 
