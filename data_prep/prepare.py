@@ -17,9 +17,9 @@ How a build runs (all of it is deterministic for a seed, whatever --workers is):
    followed by a `unit-NNNNN.json` done-marker holding its record count, byte size and skips.
    A unit counts as done only when its marker exists and the file size matches, so a rerun
    after an interruption redoes exactly the units that were not finished.
-3. Phase 2 (`build`): the units' records are concatenated in unit order, numbered (pair_id = index in
-   the split) and dealt into --num-shards TFDS shards (0 = one per ~256 MiB), written under
-   `.prepare/<split>/final/` and moved into <out> only when all are complete; then the TFDS
+3. Phase 2 (`build`): the units' records are concatenated in unit order, numbered (pair_id =
+   index in the split) and dealt into --num-shards TFDS shards (0 = one per ~256 MiB), written
+   under `.prepare/<split>/final/` and moved into <out> only when all are complete; then the TFDS
    metadata is (re)written for every split in <out>, `done.json` records the split's
    fingerprint and the unit files are deleted.
 4. `<out>/prepare_summary.json` (also printed): pairs per split and source, and the skipped

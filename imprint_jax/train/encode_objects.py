@@ -118,7 +118,8 @@ def check_vae(setup: setup_lib.Setup, state) -> float:
   """Refuses `data.latents` made by another VAE than the run's.
 
   Returns the relative distance of the probe moments (below PROBE_RTOL)."""
-  return _check_probe(latent_store.KEY, Path(storage.local_path(setup.config.data.latents, latent_store.KEY)), token_store.PROBE,
+  folder = Path(storage.local_path(setup.config.data.latents, latent_store.KEY))
+  return _check_probe(latent_store.KEY, folder, token_store.PROBE,
                       probe_moments(setup, state.frozen["vae"]), "VAE",
                       latent_store.COMMAND, "this run's init.checkpoint")
 
@@ -166,9 +167,9 @@ class _Store:
     if not needs_dinov2:  # e.g. the VAE's store: the stage-1 encoder is not loaded
       c.init.encoder_from = ""
       c.allow_random_encoder = True
-    if workdir is None and any(str(p).startswith("synthetic:") for p, _ in c.data.sources):
-      raise UserError("the config has synthetic data sources, built in the run's workdir: pass"
-                      " --workdir (the one you will train in)")
+    if workdir is None and any(str(p).startswith(prepared.SYNTHETIC) for p, _ in c.data.sources):
+      raise UserError("the config has synthetic data sources, prepared in the run's workdir:"
+                      " pass --workdir (the one you will train in)")
     self.c = c
     self.setup = setup = setup_lib.build(c, total_steps=1, steps_per_epoch=1)
     batch = c.train.global_batch if batch is None else batch

@@ -198,8 +198,8 @@ class NoLease:
 
 
 def hold(workdir, *, ttl_s: float, takeover: bool):
-  """The run's lease, taken (use it as a context manager to release it): by process 0; in a multi-process run the others learn whether
-  process 0 got it (a collective) and fail with it."""
+  """The run's lease, taken (use it as a context manager to release it): by process 0; in a
+  multi-process run the others learn whether process 0 got it (a collective) and fail with it."""
   if jax.process_count() == 1:
     return Lease(workdir, ttl_s=ttl_s, takeover=takeover).start()
   lease, error = NoLease(), None
