@@ -1,6 +1,7 @@
 """`imprint-jax prepare`: published dataset layouts -> preprocessed pair shards.
 
-  prepare    the command's driver (flags, `prepare()`, split assignment, summary)
+  prepare    `prepare()`: one dataset -> a prepared folder (splits, the build, the summary);
+             the command's flags and runner are `imprint_jax/cli/{flags/,}prepare.py`
   config     PrepareConfig, the settings of a build
   build      the resumable parallel build of one split (work units, then TFDS shards)
   pairs      phase 1 for one group: frames -> valid views -> pair records

@@ -26,7 +26,7 @@ from array_record.python import array_record_module
 import numpy as np
 
 from imprint_jax.data import records, schema
-from imprint_jax.data.prepared import shard_name, shard_re
+from imprint_jax.data.schema import shard_name, shard_re
 from imprint_jax.data_prep import pairs, shards
 from imprint_jax.data_prep.config import PrepareConfig
 from imprint_jax.data_prep.readers import READERS

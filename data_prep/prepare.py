@@ -31,15 +31,14 @@ settings (or a different dataset) into the same --out is refused unless --overwr
 
 from __future__ import annotations
 
-import argparse
 from collections import Counter
 import dataclasses
 import os
 from pathlib import Path
 from typing import Any
 
-from imprint_jax.data_prep import build, pairs, shards, synthetic
-from imprint_jax.data_prep.config import INSTANCES, PAIRINGS, PrepareConfig
+from imprint_jax.data_prep import build, pairs, shards
+from imprint_jax.data_prep.config import PrepareConfig
 from imprint_jax.data_prep.readers import READERS
 from imprint_jax.data_prep.readers import common
 from imprint_jax.errors import UserError
@@ -47,109 +46,6 @@ from imprint_jax.errors import UserError
 SPLITS = ("train", "val", "test", "all")
 SOURCES = tuple(READERS) + ("synthetic",)
 SUMMARY_FILE = "prepare_summary.json"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-  """Adds the `prepare` flags to `parser` (defaults from PrepareConfig)."""
-  d = PrepareConfig()
-  parser.add_argument("--source", required=True,
-                      help=f"dataset layout to read: {', '.join(SOURCES)} (synthetic writes "
-                           "small datasets in every layout into --out)")
-  parser.add_argument("--root", help="dataset folder in the source's published layout")
-  parser.add_argument("--out", required=True, help="output folder of the prepared dataset")
-  parser.add_argument("--split", default="all",
-                      help="train, val, test or all (train + val; test for dreambooth)")
-  parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                      help="parallel worker processes (the output does not depend on it)")
-  parser.add_argument("--seed", type=int, default=d.seed)
-  parser.add_argument("--overwrite", action="store_true",
-                      help="rebuild the split(s) from scratch, discarding earlier output")
-  parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-  g = parser.add_argument_group("crops and filters")
-  g.add_argument("--encoder-size", type=int, default=d.encoder_size, help="object crop side E")
-  g.add_argument("--generator-size", type=int, default=d.generator_size,
-                 help="target crop side G")
-  g.add_argument("--pairing", choices=PAIRINGS, default=d.pairing,
-                 help="multi-view sources: 'views' keeps every valid view and training draws"
-                      " a fresh pair per visit (the paper samples pairs during training);"
-                      " 'pairs' fixes --pairs-per-instance pairs now (default: %(default)s)")
-  g.add_argument("--instances", choices=INSTANCES, default=d.instances,
-                 help="images source: a record per valid instance ('all', default) or only"
-                      " of each image's largest one ('largest': the paper's Pixabay test set,"
-                      " one object per image)")
-  g.add_argument("--window", type=int, default=d.window,
-                 help="multi-view window k, |i - j| <= k, for --pairing pairs (with views,"
-                      " training's data.window applies). Default %(default)s: our choice,"
-                      " the paper's value is lost (docs/paper_fidelity.md)")
-  g.add_argument("--context", type=float, default=d.context,
-                 help="target crop side / object box side (default %(default)s: our choice,"
-                      " the paper states none)")
-  g.add_argument("--min-area", type=float, default=d.min_area,
-                 help="minimum mask area fraction of the frame (default %(default)s: ours)")
-  g.add_argument("--max-area", type=float, default=d.max_area,
-                 help="maximum mask area fraction of the frame (default %(default)s: ours)")
-  g.add_argument("--min-size", type=int, default=d.min_size,
-                 help="minimum object box side in pixels (default %(default)s: ours)")
-  g.add_argument("--min-connected", type=float, default=d.min_connected,
-                 help="minimum share of the mask in its largest connected component"
-                      " (default %(default)s: ours)")
-  g.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                 help="share of groups (videos, objects, ...) held out for val (default"
-                      " %(default)s: ours; the paper's splits are 0.8%% and 7%%)")
-  g.add_argument("--pairs-per-instance", type=int, default=d.pairs_per_instance,
-                 help="pairs sampled per object instance (<= 0: all). Default %(default)s:"
-                      " the paper's 1,409,545 MVImgNet pairs over ~219k objects")
-  g.add_argument("--groups-per-shard", type=int, default=d.groups_per_shard,
-                 help="groups per work unit (resume granularity)")
-  g.add_argument("--num-shards", type=int, default=d.num_shards,
-                 help="final shards per split (0: one per ~256 MiB)")
-  s = parser.add_argument_group("synthetic")
-  s.add_argument("--synthetic-groups", type=int, default=3,
-                 help="videos/objects/groups/images/subjects per synthetic layout")
-  s.add_argument("--synthetic-frame-size", type=int, default=128,
-                 help="frame height in pixels of synthetic datasets")
-
-
-def config_from_args(args: argparse.Namespace) -> PrepareConfig:
-  """The PrepareConfig of parsed `prepare` flags."""
-  return PrepareConfig(
-      encoder_size=args.encoder_size, generator_size=args.generator_size, window=args.window,
-      context=args.context, min_area=args.min_area, max_area=args.max_area,
-      min_size=args.min_size, min_connected=args.min_connected,
-      val_fraction=args.val_fraction, pairs_per_instance=args.pairs_per_instance,
-      pairing=args.pairing, instances=args.instances,
-      groups_per_shard=args.groups_per_shard, num_shards=args.num_shards,
-      seed=args.seed).validate()
-
-
-def main(args: argparse.Namespace) -> int:
-  """Runs `prepare` for parsed flags; prints the summary. Raises UserError on bad input."""
-  if args.source not in SOURCES:
-    raise UserError(f"--source {args.source!r} is unknown: choose one of {', '.join(SOURCES)}")
-  if args.split not in SPLITS:
-    raise UserError(f"--split {args.split!r} is unknown: choose one of {', '.join(SPLITS)}")
-  if args.workers < 1:
-    raise UserError(f"--workers must be >= 1 (got {args.workers})")
-  cfg = config_from_args(args)
-  if args.source == "synthetic":
-    scfg = synthetic.SyntheticConfig(groups=args.synthetic_groups,
-                                     frame_size=args.synthetic_frame_size, seed=args.seed)
-    roots = synthetic.generate(args.out, scfg)
-    print(f"synthetic datasets written to {args.out}; prepare them with e.g.")
-    for name, root in roots.items():
-      print(f"  imprint-jax prepare --source {name} --root {root} --out <pairs>/{name}")
-    return 0
-  if not args.root:
-    raise UserError(f"--root is required for --source {args.source}")
-  try:
-    summary = prepare(args.source, args.root, args.out, cfg, split=args.split,
-                      workers=args.workers, overwrite=args.overwrite,
-                      progress=not args.no_progress)
-  except OSError as e:  # storage (full disk, quota, permissions) outside the shard writers
-    raise UserError(f"prepare into {args.out} failed: {e}; finished work units are kept, a"
-                    " rerun continues from them") from None
-  print(format_summary(summary))
-  return 0
 
 
 def prepare(source: str, root, out, cfg: PrepareConfig = PrepareConfig(), *,

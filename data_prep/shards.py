@@ -20,7 +20,7 @@ from tensorflow_datasets.core import example_serializer
 
 from imprint_jax.data import records as record_files
 from imprint_jax.data import schema
-from imprint_jax.data.prepared import DATASET_NAME, shard_name, shard_re
+from imprint_jax.data.schema import DATASET_NAME, shard_name, shard_re
 
 WORK_DIR = ".prepare"  # temporary files and resume state, under the output folder
 _PNG_LEVEL = 3  # fixed (same pixels, same bytes); 3 is ~2.5x faster than 6 for ~10% more bytes

@@ -17,6 +17,8 @@ import pytest
 from scipy import ndimage
 import tensorflow_datasets as tfds
 
+from imprint_jax.cli import prepare as prepare_cli
+from imprint_jax.cli.flags import prepare as prepare_flags
 from imprint_jax.data import crops, prepared, schema
 from imprint_jax.data_prep import build, pairs, prepare, shards, synthetic
 from imprint_jax.data_prep.readers import READERS
@@ -148,7 +150,7 @@ def test_every_layout_builds_and_reads(raw, tmp_path, source):
 
 def _parse(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser()
-  prepare.add_arguments(parser)
+  prepare_flags.add_arguments(parser)
   return parser.parse_args(argv)
 
 
@@ -160,9 +162,9 @@ def _argv(root: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_main_is_deterministic_across_worker_counts(raw, tmp_path, capsys):
-  assert prepare.main(_parse(_argv(raw["youtube_vos"], tmp_path / "a", "--workers", "1"))) == 0
+  assert prepare_cli.run(_parse(_argv(raw["youtube_vos"], tmp_path / "a", "--workers", "1"))) == 0
   assert "prepare youtube_vos: train" in capsys.readouterr().out
-  assert prepare.main(_parse(_argv(raw["youtube_vos"], tmp_path / "b", "--workers", "2"))) == 0
+  assert prepare_cli.run(_parse(_argv(raw["youtube_vos"], tmp_path / "b", "--workers", "2"))) == 0
   a, b = _bytes(tmp_path / "a"), _bytes(tmp_path / "b")
   assert len(a) == 4 and a == b  # 2 train + 2 val shards, byte-identical
   # The library call with the same config makes the same bytes too.
@@ -267,11 +269,11 @@ def test_vipseg_release_layout_matches_coco_layout(raw, tmp_path):
 
 def test_user_errors(raw, tmp_path):
   with pytest.raises(UserError, match="--source 'coco' is unknown"):
-    prepare.main(_parse(["--source", "coco", "--root", str(tmp_path), "--out", str(tmp_path)]))
+    prepare_cli.run(_parse(["--source", "coco", "--root", str(tmp_path), "--out", str(tmp_path)]))
   with pytest.raises(UserError, match="does not exist"):
-    prepare.main(_parse(_argv(tmp_path / "nowhere", tmp_path / "out")))
+    prepare_cli.run(_parse(_argv(tmp_path / "nowhere", tmp_path / "out")))
   with pytest.raises(UserError, match="--root is required"):
-    prepare.main(_parse(["--source", "images", "--out", str(tmp_path / "o")]))
+    prepare_cli.run(_parse(["--source", "images", "--out", str(tmp_path / "o")]))
   with pytest.raises(UserError, match="meta.json"):  # a folder in the wrong layout
     prepare.prepare("youtube_vos", raw["images"], tmp_path / "o", CFG)
   with pytest.raises(UserError, match="test pairs only"):
@@ -387,7 +389,7 @@ def test_synthetic_is_deterministic(tmp_path):
 def test_synthetic_source_via_main(tmp_path, capsys):
   args = _parse(["--source", "synthetic", "--out", str(tmp_path), "--synthetic-groups", "1",
                  "--synthetic-frame-size", "48"])
-  assert prepare.main(args) == 0
+  assert prepare_cli.run(args) == 0
   assert "--source mvimgnet" in capsys.readouterr().out
   assert (tmp_path / "youtube_vos" / "train" / "meta.json").is_file()
   assert sorted(p.name for p in tmp_path.iterdir()) == sorted(synthetic.LAYOUTS)

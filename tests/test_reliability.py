@@ -22,9 +22,11 @@ import jax
 import numpy as np
 import pytest
 
+from imprint_jax.cli import prepare as prepare_cli
+from imprint_jax.cli.flags import prepare as prepare_flags
 from imprint_jax.convert import integrity
 from imprint_jax.data import pipeline, prepared, records, token_store
-from imprint_jax.data_prep import prepare, synthetic
+from imprint_jax.data_prep import synthetic
 from imprint_jax.errors import UserError
 from imprint_jax.train import lease as lease_lib
 from imprint_jax.train.checkpoints import RunCheckpoints
@@ -234,9 +236,9 @@ def _files(folder: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def clean_build(raw_mvimgnet, tmp_path_factory) -> Path:
   args = argparse.ArgumentParser()
-  prepare.add_arguments(args)
+  prepare_flags.add_arguments(args)
   out = tmp_path_factory.mktemp("clean") / "pairs"
-  prepare.main(args.parse_args(PREPARE_ARGS + ["--root", str(raw_mvimgnet), "--out", str(out)]))
+  prepare_cli.run(args.parse_args(PREPARE_ARGS + ["--root", str(raw_mvimgnet), "--out", str(out)]))
   return out
 
 
@@ -269,9 +271,9 @@ def test_writer_failing_part_way_in_prepare(raw_mvimgnet, clean_build, tmp_path,
   monkeypatch.setattr(arm, "ArrayRecordWriter", FailingWriter)
   out = tmp_path / "pairs"
   args = argparse.ArgumentParser()
-  prepare.add_arguments(args)
+  prepare_flags.add_arguments(args)
   with pytest.raises(UserError) as e:
-    prepare.main(args.parse_args(PREPARE_ARGS + ["--root", str(raw_mvimgnet),
+    prepare_cli.run(args.parse_args(PREPARE_ARGS + ["--root", str(raw_mvimgnet),
                                                  "--out", str(out)]))
   msg = str(e.value)
   assert "\n" not in msg and "writing failed (write() failed: No space left" in msg, msg
@@ -281,7 +283,7 @@ def test_writer_failing_part_way_in_prepare(raw_mvimgnet, clean_build, tmp_path,
   if phase == 2:  # the work unit was finished before the shard failed: kept
     assert ".prepare/train/unit-00000.ar" in left and ".prepare/train/unit-00000.json" in left
   monkeypatch.setattr(arm, "ArrayRecordWriter", real)
-  assert prepare.main(args.parse_args(PREPARE_ARGS + ["--root", str(raw_mvimgnet),
+  assert prepare_cli.run(args.parse_args(PREPARE_ARGS + ["--root", str(raw_mvimgnet),
                                                       "--out", str(out)])) == 0
 
 

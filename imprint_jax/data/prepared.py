@@ -43,26 +43,14 @@ import tensorflow_datasets as tfds
 from tensorflow_datasets.core.data_sources import base as tfds_sources
 
 from imprint_jax.data import records
+from imprint_jax.data.schema import INFO_FILE, shard_name
 from imprint_jax.errors import UserError
 
-DATASET_NAME = "imprint_pairs"
-INFO_FILE = "dataset_info.json"
 READERS = ("grain", "tfds")
 SYNTHETIC = "synthetic:"
 # A workdir given as a URL (gs://...), as `imprint_jax.storage.is_remote` tells them apart. Not
 # that module itself: data preparation reads this one and needs none of storage's checkpointing.
 _URL = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*://")
-
-
-def shard_re(name: str = DATASET_NAME) -> re.Pattern:
-  """Matches final shard file names; groups: split, index, count."""
-  return re.compile(rf"^{re.escape(name)}-(?P<split>\w+)\.array_record-(?P<index>\d{{5}})"
-                    rf"-of-(?P<count>\d{{5}})$")
-
-
-def shard_name(split: str, index: int, num_shards: int, name: str = DATASET_NAME) -> str:
-  """TFDS' file name of one shard: `<name>-<split>.array_record-00000-of-00004`."""
-  return f"{name}-{split}.array_record-{index:05d}-of-{num_shards:05d}"
 
 
 def is_prepared(data_dir) -> bool:

@@ -28,13 +28,17 @@ View datasets (`imprint-jax prepare --pairing views`, the default for multi-view
 one "view" record per valid view and, per split, `views-<split>.json` (`VIEW_INDEX`): {"groups":
 [[first record, number of records], ...] (one entry per object, its views in frame order),
 "frame_index": [frame position of each record]}. The pipeline draws a fresh view pair (i, j)
-from one group every time it visits it (`imprint_jax.data.pipeline`).
+from one group every time it visits it (`imprint_jax.data.views`).
+
+The files of a prepared dataset folder are named here too (`shard_name`, `INFO_FILE`,
+`VIEW_INDEX`); `imprint_jax.data.prepared` opens one, `imprint_jax.data_prep` writes one.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 
@@ -43,6 +47,19 @@ OBJECT_FILL = 255  # white background behind segmented objects (ObjectStitch, An
 IMAGE_KEYS = ("object", "object_mask", "target", "target_mask")
 KINDS = ("multiview", "video", "image", "test", "view")
 VIEW_INDEX = "views-{split}.json"
+DATASET_NAME = "imprint_pairs"
+INFO_FILE = "dataset_info.json"
+
+
+def shard_re(name: str = DATASET_NAME) -> re.Pattern:
+  """Matches final shard file names; groups: split, index, count."""
+  return re.compile(rf"^{re.escape(name)}-(?P<split>\w+)\.array_record-(?P<index>\d{{5}})"
+                    rf"-of-(?P<count>\d{{5}})$")
+
+
+def shard_name(split: str, index: int, num_shards: int, name: str = DATASET_NAME) -> str:
+  """TFDS' file name of one shard: `<name>-<split>.array_record-00000-of-00004`."""
+  return f"{name}-{split}.array_record-{index:05d}-of-{num_shards:05d}"
 
 
 def load_view_index(data_dir, split: str) -> dict | None:

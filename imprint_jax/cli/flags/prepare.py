@@ -7,7 +7,8 @@ import os
 
 from imprint_jax import cli
 from imprint_jax.data_prep import prepare
-from imprint_jax.data_prep.prepare import INSTANCES, PAIRINGS, SOURCES, PrepareConfig
+from imprint_jax.data_prep.config import INSTANCES, PAIRINGS, PrepareConfig
+from imprint_jax.data_prep.prepare import SOURCES
 
 
 def add_parser(sub) -> None:
