@@ -5,8 +5,8 @@ optimizer state, and JSON metadata: step, the data iterator's state, the run con
 model config. Saves are asynchronous. Kept: the last `keep` checkpoints plus the best one by
 validation loss.
 
-Integrity (see `imprint_jax.convert.integrity`): each step folder gets `checksums.json` inside orbax's
-commit; `restore` verifies the newest step and falls back to the newest intact one, setting
+Integrity (see `imprint_jax.convert.integrity`): each step folder gets `checksums.json` inside
+orbax's commit; `restore` verifies the newest step and falls back to the newest intact one, setting
 corrupt steps aside as `corrupt-<step>/` so the run can write those steps again.
 """
 

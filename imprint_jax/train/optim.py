@@ -4,7 +4,8 @@ Every parameter of the model gets one component label from its path:
 
   dinov2        the DINOv2 encoder                       (model.dinov2.*)
   adapter       the content adapter and its null context (model.adapter.*)
-  unet_decoder  the UNet's decoder: up blocks + output   (model.unet.{up_blocks,conv_norm_out,conv_out})
+  unet_decoder  the UNet's decoder: up blocks + output
+                (model.unet.{up_blocks,conv_norm_out,conv_out})
   unet_rest     the rest of the UNet                     (model.unet.*)
   vae           the VAE, always frozen                   (model.vae.*)
 
