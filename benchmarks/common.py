@@ -450,8 +450,9 @@ def torch_models(model_cfg, device):
   from diffusers import AutoencoderKL, UNet2DConditionModel
   from transformers import AutoConfig, AutoModel
 
+  from imprint_jax.convert import dinov2 as dinov2_convert, unet as unet_convert, vae as vae_convert
   from imprint_jax.torch_adapter import ContentAdapterTorch
-  hf = dict(model_cfg.dinov2.to_hf())
+  hf = dict(dinov2_convert.config_to_transformers(model_cfg.dinov2))
   hf.pop("architectures", None)
   model_type = hf.pop("model_type")
   a = model_cfg.adapter
@@ -460,8 +461,8 @@ def torch_models(model_cfg, device):
     adapter = ContentAdapterTorch(in_dim=a.in_dim, width=a.width, depth=a.depth,
                                   num_heads=a.num_heads, mlp_ratio=a.mlp_ratio,
                                   out_dim=a.out_dim, layer_norm_eps=a.layer_norm_eps)
-    unet = UNet2DConditionModel.from_config(model_cfg.unet.to_diffusers())
-    vae = AutoencoderKL.from_config(model_cfg.vae.to_diffusers())
+    unet = UNet2DConditionModel.from_config(unet_convert.config_to_diffusers(model_cfg.unet))
+    vae = AutoencoderKL.from_config(vae_convert.config_to_diffusers(model_cfg.vae))
   return tuple(m.to(device) for m in (dino, adapter, unet, vae))
 
 

@@ -34,9 +34,9 @@ def jax_networks(mc, inputs: dict, stage: int, device) -> dict:
   import jax.numpy as jnp
   from flax import nnx
 
-  from imprint_jax.models import layers
   from imprint_jax.models.imprint import Imprint
   from imprint_jax.models.pure import pure
+  from imprint_jax.parallel import compiler
   put = lambda x: jax.device_put(x, device)
   model = Imprint(mc, rngs=nnx.Rngs(0))
   # Each network through the public fast path (`pure`), its own parameters only, so that
@@ -46,10 +46,10 @@ def jax_networks(mc, inputs: dict, stage: int, device) -> dict:
     fns[name], p = pure(getattr(model, name), method)
     params[name] = put(p)
   x = {k: put(v) for k, v in inputs.items()}
-  options = layers.compiler_options(device.platform)
+  options = compiler.compiler_options(device.platform)
 
   def compile_(fn, name):
-    with layers.compiling_for(device.platform):
+    with compiler.compiling_for(device.platform):
       compiled = jax.jit(fn).lower(params[name]).compile(options)
     return lambda: jax.block_until_ready(compiled(params[name]))
 
@@ -132,7 +132,7 @@ def main(argv=None) -> dict:
   p.add_argument("--torch-device", default=None, help="default: cuda if available, else cpu")
   args = p.parse_args(argv)
   env = common.setup(args)
-  from imprint_jax.models import layers
+  from imprint_jax.models import attention
   from imprint_jax.train import setup as setup_lib
   sc = common.scale(args.scale)
   batch = args.batch or sc.batch
@@ -142,7 +142,7 @@ def main(argv=None) -> dict:
   print(f"scale {sc.name}, stage {args.stage}'s networks: batch {batch}, E={sc.encoder_size},"
         f" G={sc.generator_size}, dtype {env.dtype}; {args.warmup} warm-up + {args.repeats}"
         f" timed calls per network and framework, alternating\n", flush=True)
-  with layers.gpu_attention(args.gpu_attention):
+  with attention.gpu_attention(args.gpu_attention):
     ours = jax_networks(mc, inputs, args.stage, env.jax_device)
   theirs = torch_networks(mc, inputs, args.stage, env.torch_device, env.dtype)
   rows, times = [], {}

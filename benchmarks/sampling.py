@@ -55,7 +55,8 @@ def build_models(model_cfg, dtype: str, torch_device, folder: Path):
   unet.save_pretrained(folder / "unet")
   vae.save_pretrained(folder / "vae")
   (folder / "adapter").mkdir()
-  (folder / "adapter" / "config.json").write_text(json.dumps(model_cfg.adapter.to_json()))
+  (folder / "adapter" / "config.json").write_text(
+      json.dumps(convert.adapter.config_to_json(model_cfg.adapter)))
   save_file({k: v.contiguous() for k, v in adapter.state_dict().items()},
             str(folder / "adapter" / "model.safetensors"))
   model = interop.assemble(convert.load_dinov2(folder / "dinov2", dtype=dtype),
@@ -75,7 +76,7 @@ class JaxSampler:
     from flax import nnx
 
     from imprint_jax.diffusion import generate
-    from imprint_jax.models import layers
+    from imprint_jax.parallel import compiler
     graphdef, state = nnx.split(model)
     self.state = jax.device_put(nnx.to_pure_dict(state), device)  # as imprint_jax.compositing
     b = inputs["object"].shape[0]
@@ -90,7 +91,7 @@ class JaxSampler:
 
     t = time.perf_counter()
     self.compiled = jax.jit(run).lower(self.state, *self.args, self.keys).compile(
-        compiler_options=layers.compiler_options(device.platform))
+        compiler_options=compiler.compiler_options(device.platform))
     self.compile_s = time.perf_counter() - t
     self.planned_bytes = common.xla_planned_bytes(self.compiled)
 
@@ -186,7 +187,7 @@ def main(argv=None) -> list[dict]:
   jax_device, torch_device, dtype = env.jax_device, env.torch_device, env.dtype
 
   from benchmarks import flops
-  from imprint_jax.models import layers
+  from imprint_jax.models import attention
   from imprint_jax.train import setup as setup_lib
   sc = common.scale(args.scale)
   print(f"scale {sc.name}: E={sc.encoder_size}, G={sc.generator_size}, {args.steps} DDIM steps,"
@@ -199,7 +200,7 @@ def main(argv=None) -> list[dict]:
     model, nets = build_models(model_cfg, dtype, torch_device, Path(tmp))
     print(f"built both models (same weights) in {time.perf_counter() - t:.0f} s", flush=True)
   results = []
-  with layers.gpu_attention(args.gpu_attention):
+  with attention.gpu_attention(args.gpu_attention):
     for batch in batches:
       inputs = inputs_for(batch, sc, args.seed)
       ours = JaxSampler(model, inputs, args.steps, jax_device)

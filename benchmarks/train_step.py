@@ -8,9 +8,10 @@ Ours: `imprint_jax.train.setup.build` + `init_state` + `loop.compile_steps` (the
 donated step the trainer runs) on one device. PyTorch: diffusers `UNet2DConditionModel` +
 `AutoencoderKL`, transformers `Dinov2WithRegistersModel` (`Dinov2Model` without registers),
 `imprint_jax.torch_adapter.ContentAdapterTorch`, built from the same configs
-(`to_diffusers()`, `to_hf()`), doing the same work: frozen VAE encode (stage 2: also of the
-masked target), object tokens with embedding dropout to the learned null context, SD epsilon
-loss at uniform timesteps, global-norm clipping, AdamW with one parameter group per component;
+(`imprint_jax.convert`'s `config_to_diffusers`, `config_to_transformers`), doing the same
+work: frozen VAE encode (stage 2: also of the masked target), object tokens with embedding
+dropout to the learned null context, SD epsilon loss at uniform timesteps, global-norm
+clipping, AdamW with one parameter group per component;
 the same trainable parts (stage 1: DINOv2 + adapter + UNet up blocks/conv_norm_out/conv_out;
 stage 2: adapter + whole UNet, DINOv2 frozen); float32 on CPU, bf16 compute on accelerators
 (JAX: the config's compute dtype; torch: autocast). Both see the same random batch, resident
@@ -436,7 +437,7 @@ def main(argv=None) -> list[dict]:
     args.stage = [2]
   env = common.setup(args)
   jax_device, torch_device, dtype = env.jax_device, env.torch_device, env.dtype
-  from imprint_jax.models import layers
+  from imprint_jax.models import attention
   sc = common.scale(args.scale)
   args.batch = args.batch or sc.batch
   remat = args.remat
@@ -444,7 +445,7 @@ def main(argv=None) -> list[dict]:
         f" dtype {dtype}, our remat {remat}, stage-2 inputs {args.inputs}, torch"
         f" {'torch.compile' if args.torch_compile else 'eager'}; {args.warmup} warm-up +"
         f" {args.repeats} timed steps per framework, alternating\n")
-  with layers.gpu_attention(args.gpu_attention):
+  with attention.gpu_attention(args.gpu_attention):
     results = [measure(s, args, sc, jax_device, torch_device, dtype, remat)
                for s in (args.stage or [1, 2])]
   peak = common.peak_tflops(jax_device.device_kind)

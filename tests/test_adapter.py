@@ -13,7 +13,7 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from imprint_jax.convert.adapter import adapter_rules, load_adapter, save_adapter
+from imprint_jax.convert.adapter import adapter_rules, config_to_json, load_adapter, save_adapter
 from imprint_jax.errors import UserError
 from imprint_jax.models.adapter import AdapterConfig, ContentAdapter, abstract_adapter
 from imprint_jax.torch_adapter import ContentAdapterTorch
@@ -102,7 +102,7 @@ def test_legacy_folder_loads(saved, tmp_path):
   adapter, folder = saved
   (tmp_path / "model.safetensors").write_bytes(
       (folder / "diffusion_pytorch_model.safetensors").read_bytes())
-  (tmp_path / "config.json").write_text(json.dumps(adapter.cfg.to_json()))
+  (tmp_path / "config.json").write_text(json.dumps(config_to_json(adapter.cfg)))
   x = jnp.ones((1, 4, 32))
   np.testing.assert_array_equal(np.asarray(_forward(load_adapter(tmp_path), x)),
                                 np.asarray(_forward(adapter, x)))
@@ -136,7 +136,7 @@ def test_bfloat16_compute(tmp_path):
 # ---------------------------------------------------------------------------------- bad input
 
 def test_folder_without_weights(tmp_path):
-  (tmp_path / "config.json").write_text(json.dumps(CONFIGS["plain"].to_json()))
+  (tmp_path / "config.json").write_text(json.dumps(config_to_json(CONFIGS["plain"])))
   with pytest.raises(UserError, match=f"{tmp_path}: no weights"):
     load_adapter(tmp_path)
   with pytest.raises(ValueError, match=f"{tmp_path}: no weights"):
@@ -144,7 +144,7 @@ def test_folder_without_weights(tmp_path):
 
 
 def test_pickle_only_folder(tmp_path):
-  (tmp_path / "config.json").write_text(json.dumps(CONFIGS["plain"].to_json()))
+  (tmp_path / "config.json").write_text(json.dumps(config_to_json(CONFIGS["plain"])))
   (tmp_path / "pytorch_model.bin").write_bytes(b"not really a pickle")
   with pytest.raises(UserError, match=r"only pickle weights \(pytorch_model.bin\)"):
     load_adapter(tmp_path)
@@ -198,7 +198,7 @@ def test_config_mismatch_is_a_key_error(saved, tmp_path):
   adapter, folder = saved
   bad = _copy_with(folder, tmp_path, lambda t: None)
   cfg = dataclasses.replace(adapter.cfg, depth=1)
-  (bad / "config.json").write_text(json.dumps(cfg.to_json()))
+  (bad / "config.json").write_text(json.dumps(config_to_json(cfg)))
   with pytest.raises(UserError, match="unexpected key 'blocks.1."):
     load_adapter(bad)
 

@@ -18,8 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import common, flops  # noqa: E402
-from imprint_jax.models import layers  # noqa: E402
+from imprint_jax.convert.unet import config_to_diffusers  # noqa: E402
+from imprint_jax.models import attention  # noqa: E402
 from imprint_jax.models.unet import UNetConfig, abstract_unet  # noqa: E402
+from imprint_jax.parallel import compiler  # noqa: E402
 from imprint_jax.train import setup as setup_lib  # noqa: E402
 
 
@@ -37,7 +39,7 @@ def test_sd15_unet_forward_flops_match_torch_and_xla():
   # torch: the diffusers UNet on the meta device (no memory, no compute), same counting rule.
   from diffusers import UNet2DConditionModel
   with torch.device("meta"):
-    ref = UNet2DConditionModel.from_config(cfg.to_diffusers())
+    ref = UNet2DConditionModel.from_config(config_to_diffusers(cfg))
     x, t, ctx = torch.empty(1, 4, 64, 64), torch.tensor([10]), torch.empty(1, 77, 768)
     counted = _torch_flops(lambda: ref(x, t, ctx))
   assert ours == pytest.approx(counted, rel=1e-9)
@@ -46,7 +48,7 @@ def test_sd15_unet_forward_flops_match_torch_and_xla():
   # measured 1.7% below ours. Traced with XLA's attention: the CPU form loops over query
   # blocks at this size, and XLA's cost analysis counts a loop's body once.
   graphdef, state = nnx.split(abstract_unet(cfg))
-  with layers.compiling_for("gpu"), layers.gpu_attention("xla"):
+  with compiler.compiling_for("gpu"), attention.gpu_attention("xla"):
     lowered = jax.jit(lambda s, x, c: nnx.merge(graphdef, s)(x, 10, c)).lower(
         state, jax.ShapeDtypeStruct((1, 64, 64, 4), jnp.float32),
         jax.ShapeDtypeStruct((1, 77, 768), jnp.float32))

@@ -19,7 +19,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from imprint_jax.convert.common import TRANSFORMS
-from imprint_jax.convert.dinov2 import dinov2_rules, load_dinov2, save_dinov2
+from imprint_jax.convert.dinov2 import (config_from_transformers, config_to_transformers,
+                                        dinov2_rules, load_dinov2, save_dinov2)
 from imprint_jax.errors import UserError
 from imprint_jax.models import dinov2 as dm
 from imprint_jax.models import layers
@@ -186,13 +187,13 @@ def test_round_trip_bit_exact_and_loads_in_transformers(hf_folders, tmp_path, va
     np.testing.assert_array_equal(reloaded(pixel_values=x).last_hidden_state.numpy(),
                                   model(pixel_values=x).last_hidden_state.numpy())
   # The exported config reads back into the same architecture.
-  cfg = dm.Dinov2Config.from_hf(json.loads((out / "config.json").read_text()))
-  assert cfg == dm.Dinov2Config.from_hf(json.loads((folder / "config.json").read_text()))
+  cfg = config_from_transformers(json.loads((out / "config.json").read_text()))
+  assert cfg == config_from_transformers(json.loads((folder / "config.json").read_text()))
 
 
 def test_rules_cover_file_keys_exactly(hf_folders):
   for _, folder in hf_folders.values():
-    cfg = dm.Dinov2Config.from_hf(json.loads((folder / "config.json").read_text()))
+    cfg = config_from_transformers(json.loads((folder / "config.json").read_text()))
     keys = {r.torch for r in dinov2_rules(cfg)}
     assert keys == set(load_file(folder / "model.safetensors"))
 
@@ -204,7 +205,7 @@ def test_presets_match_transformers_shapes(name, registers):
   assert (full.num_layers, full.image_size, full.patch_size) == (depth, 518, 14)
   # One layer at full width checks every tensor shape (the other layers repeat it) cheaply.
   cfg = dm.Dinov2Config.preset(name, registers=registers, num_layers=1)
-  hf = cfg.to_hf()
+  hf = config_to_transformers(cfg)
   hf_cls = transformers.Dinov2WithRegistersModel if registers else transformers.Dinov2Model
   hf_cfg = (transformers.Dinov2WithRegistersConfig if registers
             else transformers.Dinov2Config)(**{k: v for k, v in hf.items() if k != "model_type"})
@@ -243,13 +244,13 @@ def test_config_from_hf_rejects_unsupported():
   base = {"model_type": "dinov2", "hidden_size": 32, "num_hidden_layers": 1,
           "num_attention_heads": 2}
   with pytest.raises(UserError, match="hidden_act 'relu'"):
-    dm.Dinov2Config.from_hf({**base, "hidden_act": "relu"})
+    config_from_transformers({**base, "hidden_act": "relu"})
   with pytest.raises(UserError, match="model_type is 'vit'"):
-    dm.Dinov2Config.from_hf({**base, "model_type": "vit"})
+    config_from_transformers({**base, "model_type": "vit"})
   with pytest.raises(UserError, match="image_size"):
-    dm.Dinov2Config.from_hf({**base, "image_size": [224, 112]})
+    config_from_transformers({**base, "image_size": [224, 112]})
   with pytest.raises(UserError, match="num_hidden_layers"):
-    dm.Dinov2Config.from_hf({k: v for k, v in base.items() if k != "num_hidden_layers"})
+    config_from_transformers({k: v for k, v in base.items() if k != "num_hidden_layers"})
   with pytest.raises(UserError, match="unknown DINOv2 preset"):
     dm.Dinov2Config.preset("h")
 

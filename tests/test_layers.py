@@ -2,7 +2,8 @@
 
 The CPU forms are what every parity test on this machine runs; the accelerator forms are
 checked here on CPU: reduction GroupNorm directly, and the TPU's splash attention kernel in
-the Pallas interpreter, alone and inside `shard_map` on a data x fsdp x tensor mesh.
+the Pallas interpreter, alone and inside `shard_map` on a data x fsdp x tensor mesh. Also the
+compile target's XLA options and the logical-name -> mesh-axis resolution the layers use.
 """
 
 from __future__ import annotations
@@ -13,10 +14,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from imprint_jax.errors import UserError
-from imprint_jax.models import layers
+from imprint_jax.models import attention, layers
+from imprint_jax.parallel import compiler, sharding
 
 
 def _qkv(b=2, l=256, s=256, h=2, d=40, seed=0):
@@ -35,8 +38,8 @@ def _close(a, b, tol=1e-5):
 
 def test_cpu_attention_matches_xla():
   q, k, v = _qkv(l=64, s=20, h=4, d=8)
-  _close(layers._attention_cpu(q, k, v), jax.nn.dot_product_attention(q, k, v))
-  for a, b in zip(jax.grad(_loss(layers._attention_cpu), (0, 1, 2))(q, k, v),
+  _close(attention._attention_cpu(q, k, v), jax.nn.dot_product_attention(q, k, v))
+  for a, b in zip(jax.grad(_loss(attention._attention_cpu), (0, 1, 2))(q, k, v),
                   jax.grad(_loss(jax.nn.dot_product_attention), (0, 1, 2))(q, k, v)):
     _close(a, b)
 
@@ -45,8 +48,8 @@ def test_cpu_attention_bfloat16():
   """bf16 inputs (a bf16 run on CPU): bf16 output and gradients, close to float32's."""
   q, k, v = _qkv(l=64, s=20, h=4, d=8)
   low = tuple(t.astype(jnp.bfloat16) for t in (q, k, v))
-  out = layers._attention_cpu(*low)
-  grads = jax.grad(_loss(layers._attention_cpu), (0, 1, 2))(*low)
+  out = attention._attention_cpu(*low)
+  grads = jax.grad(_loss(attention._attention_cpu), (0, 1, 2))(*low)
   assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
   _close(out.astype(jnp.float32), jax.nn.dot_product_attention(q, k, v), tol=2e-2)
   for a, b in zip(grads, jax.grad(_loss(jax.nn.dot_product_attention), (0, 1, 2))(q, k, v)):
@@ -57,24 +60,24 @@ def test_cpu_attention_query_blocks_match_one_block():
   """Long sequences run query block by query block (no (L, S) scores held at once); same
   values and gradients as the one-block form, in float32 and bf16."""
   q, k, v = _qkv(b=2, l=512, s=640, h=2, d=8)
-  assert layers._query_block(512, 640) == layers._QUERY_BLOCK
-  assert layers._query_block(256, 256) == 0  # small: one block
+  assert attention._query_block(512, 640) == attention._QUERY_BLOCK
+  assert attention._query_block(256, 256) == 0  # small: one block
   n = lambda t: jnp.swapaxes(t, 1, 2).reshape(-1, t.shape[1], t.shape[3]) * 0.3
   qn, kn, vn = n(q), n(k), n(v)
-  blocked = lambda q, k, v: layers._blocked_attention(q, k, v, 64)
-  _close(blocked(qn, kn, vn), layers._softmax_attention(qn, kn, vn))
+  blocked = lambda q, k, v: attention._blocked_attention(q, k, v, 64)
+  _close(blocked(qn, kn, vn), attention._softmax_attention(qn, kn, vn))
   for a, b in zip(jax.grad(_loss(blocked), (0, 1, 2))(qn, kn, vn),
-                  jax.grad(_loss(layers._softmax_attention), (0, 1, 2))(qn, kn, vn)):
+                  jax.grad(_loss(attention._softmax_attention), (0, 1, 2))(qn, kn, vn)):
     _close(a, b)
   # Through the public entry point, against XLA's attention.
-  _close(layers._attention_cpu(q, k, v), jax.nn.dot_product_attention(q, k, v))
-  for a, b in zip(jax.grad(_loss(layers._attention_cpu), (0, 1, 2))(q, k, v),
+  _close(attention._attention_cpu(q, k, v), jax.nn.dot_product_attention(q, k, v))
+  for a, b in zip(jax.grad(_loss(attention._attention_cpu), (0, 1, 2))(q, k, v),
                   jax.grad(_loss(jax.nn.dot_product_attention), (0, 1, 2))(q, k, v)):
     _close(a, b)
   low = tuple(t.astype(jnp.bfloat16) for t in (qn, kn, vn))
   grads = jax.grad(_loss(blocked), (0, 1, 2))(*low)
   assert all(g.dtype == jnp.bfloat16 for g in grads)
-  for a, b in zip(grads, jax.grad(_loss(layers._softmax_attention), (0, 1, 2))(qn, kn, vn)):
+  for a, b in zip(grads, jax.grad(_loss(attention._softmax_attention), (0, 1, 2))(qn, kn, vn)):
     _close(a.astype(jnp.float32), b, tol=3e-2)
 
 
@@ -82,8 +85,8 @@ def test_cpu_attention_query_blocks_hold_no_full_score_matrix():
   """The compiled backward's temporaries stay far below one (N, L, S) float32 tensor."""
   q, k, v = _qkv(b=1, l=2048, s=2048, h=1, d=8)
   scores_bytes = 2048 * 2048 * 4
-  for attn, small in ((layers._attention_cpu, True),
-                      (lambda q, k, v: layers._softmax_attention(
+  for attn, small in ((attention._attention_cpu, True),
+                      (lambda q, k, v: attention._softmax_attention(
                           *(jnp.swapaxes(t, 1, 2)[0] for t in (q, k, v))), False)):
     compiled = jax.jit(jax.grad(_loss(attn), (0, 1, 2))).lower(q, k, v).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
@@ -92,7 +95,7 @@ def test_cpu_attention_query_blocks_hold_no_full_score_matrix():
 
 def test_splash_attention_matches_xla():
   q, k, v = _qkv()
-  splash = lambda q, k, v: layers._attention_splash(q, k, v, interpret=True)
+  splash = lambda q, k, v: attention._attention_splash(q, k, v, interpret=True)
   _close(jax.jit(splash)(q, k, v), jax.nn.dot_product_attention(q, k, v))
   for a, b in zip(jax.jit(jax.grad(_loss(splash), (0, 1, 2)))(q, k, v),
                   jax.grad(_loss(jax.nn.dot_product_attention), (0, 1, 2))(q, k, v)):
@@ -104,10 +107,9 @@ def test_splash_attention_sharded():
   if len(jax.devices()) < 8:
     pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
   q, k, v = _qkv(b=4, h=4, d=16)
-  from imprint_jax.parallel import sharding
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   sh = NamedSharding(mesh, P(("data", "fsdp")))
-  splash = jax.jit(lambda q, k, v: layers._attention_splash(q, k, v, interpret=True))
+  splash = jax.jit(lambda q, k, v: attention._attention_splash(q, k, v, interpret=True))
   with jax.set_mesh(mesh):
     out = splash(*(jax.device_put(t, sh) for t in (q, k, v)))
     assert "shard_map" in str(jax.make_jaxpr(splash)(q, k, v))
@@ -115,8 +117,8 @@ def test_splash_attention_sharded():
 
 
 def test_splash_only_for_lane_multiples():
-  assert layers.splash_supported(4096, 4096) and layers.splash_supported(256, 128)
-  assert not layers.splash_supported(4096, 261) and not layers.splash_supported(64, 64)
+  assert attention.splash_supported(4096, 4096) and attention.splash_supported(256, 128)
+  assert not attention.splash_supported(4096, 261) and not attention.splash_supported(64, 64)
 
 
 @pytest.mark.parametrize("shape,groups", [((2, 8, 8, 32), 8), ((2, 5, 16), 4), ((1, 4, 4, 6), 3)])
@@ -138,7 +140,6 @@ def test_group_norm_forms_agree(shape, groups):
 
 
 def test_group_norm_rejects_bad_groups():
-  from imprint_jax.errors import UserError
   with pytest.raises(UserError, match="groups"):
     layers.GroupNorm(30, 8, eps=1e-5, dtype=jnp.float32)
 
@@ -147,7 +148,6 @@ def test_group_norm_rejects_bad_groups():
                                                (3, 3, ((0, 1), (0, 1))), (8, 3, ((1, 1), (1, 1)))])
 def test_conv_forms_agree(hw, kernel, padding):
   """Tiny CPU convolutions run as im2col matmuls; same values and gradients as XLA's."""
-  from flax import nnx
   rs = np.random.RandomState(2)
   x = jnp.asarray(rs.randn(2, hw, hw, 16).astype(np.float32))
   k = jnp.asarray(rs.randn(kernel, kernel, 16, 8).astype(np.float32))
@@ -167,8 +167,9 @@ def test_conv_forms_agree(hw, kernel, padding):
 def test_cpu_compiler_options_take_convolutions_off_ynnpack():
   """The CPU options keep YNNPACK for dots and reductions and give convolutions to XLA's own
   kernels (what `compiler_options` says it does, with the pinned jaxlib); none elsewhere."""
-  opts = layers.compiler_options("cpu")
-  assert opts and layers.compiler_options("gpu") is None and layers.compiler_options("tpu") is None
+  opts = compiler.compiler_options("cpu")
+  assert opts
+  assert compiler.compiler_options("gpu") is None and compiler.compiler_options("tpu") is None
   x = jnp.ones((2, 16, 16, 64))
   k = jnp.ones((3, 3, 64, 64))
   w = jnp.ones((64, 512))
@@ -196,35 +197,36 @@ def test_cpu_compiler_options_take_convolutions_off_ynnpack():
 def test_cpu_compiler_options_under_a_multi_device_mesh():
   """The trainer asks for the options inside its mesh (8 devices here); the one-device probe
   behind them must not fail there (it did, and the CPU steps compiled without them)."""
-  layers._cpu_options_accepted.cache_clear()
+  compiler.cpu_options_accepted.cache_clear()
   try:
     with jax.set_mesh(jax.sharding.Mesh(np.array(jax.devices()), ("d",))):
-      assert layers.compiler_options("cpu") == dict(layers._CPU_OPTIONS)
+      assert compiler.compiler_options("cpu") == dict(compiler.CPU_OPTIONS)
   finally:
-    layers._cpu_options_accepted.cache_clear()
+    compiler.cpu_options_accepted.cache_clear()
 
 
 def test_cudnn_supported_follows_cudnn_limits():
   q = lambda d, dtype=jnp.bfloat16: jnp.zeros((1, 4, 2, d), dtype)
-  assert layers.cudnn_supported(q(40), q(40))          # SD 1.5's first-level heads
-  assert layers.cudnn_supported(q(64, jnp.float16), q(64, jnp.float16))
-  assert not layers.cudnn_supported(q(64, jnp.float32), q(64, jnp.float32))  # f32: XLA
-  assert not layers.cudnn_supported(q(36), q(36))      # not a multiple of 8
-  assert not layers.cudnn_supported(q(64), q(32))      # q/v head dims differ
-  assert not layers.cudnn_supported(q(1024), q(1024))  # one-head adapter: too wide
+  assert attention.cudnn_supported(q(40), q(40))          # SD 1.5's first-level heads
+  assert attention.cudnn_supported(q(64, jnp.float16), q(64, jnp.float16))
+  assert not attention.cudnn_supported(q(64, jnp.float32), q(64, jnp.float32))  # f32: XLA
+  assert not attention.cudnn_supported(q(36), q(36))      # not a multiple of 8
+  assert not attention.cudnn_supported(q(64), q(32))      # q/v head dims differ
+  assert not attention.cudnn_supported(q(1024), q(1024))  # one-head adapter: too wide
   # 160 (SD 1.5's deeper heads) needs Hopper: no GPU here, so the pre-Hopper limit of 128.
-  assert layers.cudnn_supported(q(160), q(160)) == (layers._gpu_compute_capability() >= (9, 0))
+  hopper = attention._gpu_compute_capability() >= (9, 0)
+  assert attention.cudnn_supported(q(160), q(160)) == hopper
 
 
 def test_gpu_attention_forms_trace_on_cpu():
   """Traced for GPU from this CPU host, float32 attention takes XLA's path (cuDNN would need a
   GPU to trace); `gpu_attention` rejects unknown names with a UserError."""
   q, k, v = _qkv(b=2, l=16, s=24, h=4, d=8, seed=3)
-  with layers.compiling_for("gpu"), layers.gpu_attention("xla"):
-    out = jax.jit(lambda q, k, v: layers.attention(q, k, v))(q, k, v)
+  with compiler.compiling_for("gpu"), attention.gpu_attention("xla"):
+    out = jax.jit(lambda q, k, v: attention.attention(q, k, v))(q, k, v)
   _close(out, jax.nn.dot_product_attention(q, k, v))
   with pytest.raises(UserError, match="unknown GPU attention"):
-    with layers.gpu_attention("flash"):
+    with attention.gpu_attention("flash"):
       pass
 
 
@@ -243,10 +245,10 @@ def test_gpu_attention_asks_cudnn_then_falls_back(monkeypatch):
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", refusing)
   q, k, v = (t.astype(jnp.bfloat16) for t in _qkv(b=1, l=16, s=12, h=2, d=8, seed=4))
-  with layers.compiling_for("gpu"):
-    out = layers.attention(q, k, v)
-    with layers.gpu_attention("xla"):
-      layers.attention(q, k, v)
+  with compiler.compiling_for("gpu"):
+    out = attention.attention(q, k, v)
+    with attention.gpu_attention("xla"):
+      attention.attention(q, k, v)
   assert calls == ["cudnn", None, None]
   _close(out.astype(jnp.float32), real(q, k, v).astype(jnp.float32), tol=1e-2)
 
@@ -256,8 +258,8 @@ def test_cudnn_call_pads_keys_and_masks_the_padding():
   attention (run here through XLA with the same arguments; cuDNN itself needs a GPU)."""
   q, k, v = _qkv(b=2, l=32, s=261, h=2, d=8, seed=5)
   want = jax.nn.dot_product_attention(q, k, v)
-  _close(layers._attention_cudnn(q, k, v, implementation=None), want)
-  grads = jax.grad(_loss(lambda q, k, v: layers._attention_cudnn(q, k, v, None)), (0, 1, 2))
+  _close(attention._attention_cudnn(q, k, v, implementation=None), want)
+  grads = jax.grad(_loss(lambda q, k, v: attention._attention_cudnn(q, k, v, None)), (0, 1, 2))
   for a, b in zip(grads(q, k, v), jax.grad(_loss(jax.nn.dot_product_attention),
                                            (0, 1, 2))(q, k, v)):
     assert a.shape == b.shape
@@ -273,13 +275,39 @@ def test_shard_batch_on_row_parallel_output_is_correct(shape):
   constrained by shard_batch, every sample is right."""
   if len(jax.devices()) < 8:
     pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
-  from imprint_jax.parallel import sharding
   b, l, c, d = shape
   mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
   rs = np.random.RandomState(0)
   x, w = rs.randn(b, l, c).astype(np.float32), rs.randn(c, d).astype(np.float32)
   with jax.set_mesh(mesh):
-    got = jax.jit(lambda x, w: layers.shard_batch(x @ w))(
+    got = jax.jit(lambda x, w: sharding.shard_batch(x @ w))(
         jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), None, "tensor"))),
         jax.device_put(w, NamedSharding(mesh, P("tensor", "fsdp"))))
   np.testing.assert_allclose(np.asarray(got), x @ w, rtol=1e-4, atol=1e-3)
+
+
+def test_activation_axes_follow_the_logical_rules():
+  """The models name 'batch' and 'heads'; the mesh axes splitting them come from the batch axes
+  and the logical-axis rules (configs/common.py's unless `logical_rules` sets others), only
+  where they divide the dimension; nothing outside a mesh."""
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
+  assert sharding.activation_axes("batch", 4) == ()
+  with jax.set_mesh(sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})):
+    assert sharding.activation_axes("batch", 4) == ("data", "fsdp")
+    assert sharding.activation_axes("batch", 6) == ()
+    assert sharding.activation_axes("heads", 4) == ("tensor",)
+    assert sharding.activation_axes("heads", 3) == ()
+    assert sharding.activation_axes("cross", 4) == ()  # replicated by the rules
+    with sharding.logical_rules([("heads", None)]):
+      assert sharding.activation_axes("heads", 4) == ()
+    with sharding.logical_rules([("heads", ("fsdp", "tensor"))]):
+      assert sharding.activation_axes("heads", 4) == ("fsdp", "tensor")
+      assert sharding.activation_axes("heads", 4, exclude=("data", "fsdp")) == ("tensor",)
+    assert sharding.activation_axes("heads", 4) == ("tensor",)  # the context ended
+    with pytest.raises(UserError, match="unknown axis 'batch'"):
+      with sharding.logical_rules([("batch", "data")]):
+        pass
+  with jax.set_mesh(sharding.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})):
+    assert sharding.activation_axes("batch", 8) == ("fsdp",)
+    assert sharding.activation_axes("heads", 8) == ()  # tensor=1 splits nothing

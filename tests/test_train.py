@@ -239,9 +239,9 @@ def test_sharded_step_matches_single_device(sources):
 
 def test_unet_on_2x2x2_mesh_matches_single_device():
   """The UNet alone, one sample per data x fsdp device, forward and gradients. Without
-  layers.shard_batch on the dense layers' and convolutions' inputs (row-parallel dense:
+  sharding.shard_batch on the dense layers' and convolutions' inputs (row-parallel dense:
   outputs), XLA swapped samples 1 and 2 in the mid-block transformer's forward and in the
-  backward of convolutions and column-parallel dense layers (see layers.shard_batch)."""
+  backward of convolutions and column-parallel dense layers (see sharding.shard_batch)."""
   from jax.sharding import NamedSharding, PartitionSpec as P
 
   from imprint_jax.models import layers
@@ -461,7 +461,7 @@ def test_phase_boundary_past_the_end_is_refused_before_compiling(sources, tmp_pa
 
 
 def test_plan_reports_memory(sources, capsys):
-  from imprint_jax.parallel import plan
+  from imprint_jax.train import plan
   c = tiny(1, sources)
   p = plan.plan(c, {"data": 2, "fsdp": 2, "tensor": 2})
   assert p.mesh == {"data": 2, "fsdp": 2, "tensor": 2}

@@ -21,10 +21,11 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from imprint_jax.convert import common
-from imprint_jax.convert.unet import (load_unet, resnet_rules, save_unet, transformer_rules,
-                                      unet_rules)
+from imprint_jax.convert.unet import (config_from_diffusers, config_to_diffusers, load_unet,
+                                      resnet_rules, save_unet, transformer_rules, unet_rules)
 from imprint_jax.errors import UserError
 from imprint_jax.models import unet as unet_lib
+from imprint_jax.parallel import compiler
 
 REL_TOL = 1e-4
 CTX_DIM = 32
@@ -185,10 +186,9 @@ def test_sd1_style_parity(sd1):
 
 
 def test_accelerator_forms_match_reference(sd1):
-  """Traced for a GPU/TPU (`layers.compiling_for`), the UNet uses `jax.nn.dot_product_attention`
-  and reduction GroupNorm instead of the CPU forms; both match diffusers, forward and
-  backward."""
-  from imprint_jax.models import layers
+  """Traced for a GPU/TPU (`compiler.compiling_for`), the UNet uses
+  `jax.nn.dot_product_attention` and reduction GroupNorm instead of the CPU forms; both match
+  diffusers, forward and backward."""
   graphdef, state = nnx.split(sd1["unet"])
   args = (jnp.asarray(sd1["x"].transpose(0, 2, 3, 1)), jnp.asarray(sd1["t"]),
           jnp.asarray(sd1["ctx"]))
@@ -202,10 +202,10 @@ def test_accelerator_forms_match_reference(sd1):
   results, jaxprs = {}, {}
   for name in ("cpu", "gpu"):
     run = make_run()
-    with layers.compiling_for(name):
+    with compiler.compiling_for(name):
       results[name] = jax.jit(run, compiler_options=_FAST_COMPILE)(state, *args)
       jaxprs[name] = str(jax.make_jaxpr(run)(state, *args))
-    assert layers.platform() == jax.default_backend()
+    assert compiler.platform() == jax.default_backend()
   assert jaxprs["cpu"] != jaxprs["gpu"]  # the two forms really are different code
   out_gpu = np.asarray(results["gpu"][0]).transpose(0, 3, 1, 2)
   assert _rel_err(out_gpu, sd1["ref"]) <= REL_TOL
@@ -333,7 +333,7 @@ def test_pipeline_folder_uses_unet_subfolder(sd1, tmp_path):
 
 def test_config_round_trip_and_presets():
   for cfg in (unet_lib.UNetConfig.sd15(), unet_lib.UNetConfig.sd21()):
-    assert unet_lib.UNetConfig.from_diffusers(cfg.to_diffusers()) == cfg
+    assert config_from_diffusers(config_to_diffusers(cfg)) == cfg
   sd21 = unet_lib.UNetConfig.sd21()
   assert sd21.heads == (5, 10, 20, 20)  # head width 64 everywhere
   assert [c // h for c, h in zip(sd21.block_out_channels, sd21.heads)] == [64] * 4
@@ -341,7 +341,7 @@ def test_config_round_trip_and_presets():
   # Every key the table names exists in a real-size diffusers UNet with the same shapes.
   for cfg in (unet_lib.UNetConfig.sd15(), sd21):
     with torch.device("meta"):
-      model = UNet2DConditionModel(**cfg.to_diffusers())
+      model = UNet2DConditionModel(**config_to_diffusers(cfg))
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     rules = unet_rules(cfg)
     assert {r.torch for r in rules} == set(want)
@@ -352,7 +352,7 @@ def test_real_size_shapes_match_diffusers():
   """Every rule's shape (through its transform) matches a real-size SD 1.5 / 2.1 UNet."""
   for cfg in (unet_lib.UNetConfig.sd15(), unet_lib.UNetConfig.sd21()):
     with torch.device("meta"):
-      model = UNet2DConditionModel(**cfg.to_diffusers())
+      model = UNet2DConditionModel(**config_to_diffusers(cfg))
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     abstract = unet_lib.abstract_unet(cfg)
     leaves = dict(nnx.to_flat_state(nnx.state(abstract, nnx.Param)))
@@ -401,7 +401,7 @@ def test_bad_inputs(sd1, tmp_path):
     config = json.loads(cfg_text)
     config[key] = value
     with pytest.raises(UserError, match=named):
-      unet_lib.UNetConfig.from_diffusers(config)
+      config_from_diffusers(config)
 
   good = load_file(f"{sd1['folder']}/diffusion_pytorch_model.safetensors")
   broken = tmp_path / "broken"

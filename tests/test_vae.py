@@ -23,7 +23,8 @@ from safetensors.numpy import load_file, save_file
 
 from imprint_jax.diffusion import schedules
 from imprint_jax.convert.common import TRANSFORMS
-from imprint_jax.convert.vae import detect_style, load_vae, save_vae, vae_rules
+from imprint_jax.convert.vae import (config_from_diffusers, config_to_diffusers, detect_style,
+                                     load_vae, save_vae, vae_rules)
 from imprint_jax.errors import UserError
 from imprint_jax.models import vae as vm
 
@@ -242,11 +243,11 @@ def test_export_loads_in_diffusers_without_missing_keys(folders, tmp_path, varia
 def test_config_round_trip(folders):
   _, folder = folders["sd_like"]
   raw = json.loads((folder / "config.json").read_text())
-  cfg = vm.VAEConfig.from_diffusers(raw)
+  cfg = config_from_diffusers(raw)
   assert cfg.block_out_channels == (32, 64) and cfg.layers_per_block == 1
   assert cfg.norm_num_groups == 8 and cfg.sample_size == 32
-  assert vm.VAEConfig.from_diffusers(cfg.to_diffusers()) == cfg
-  for k, v in cfg.to_diffusers().items():
+  assert config_from_diffusers(config_to_diffusers(cfg)) == cfg
+  for k, v in config_to_diffusers(cfg).items():
     if k in raw:
       assert raw[k] == v, k
 
@@ -256,7 +257,7 @@ def test_sd_preset_matches_diffusers_key_for_key():
   sd = vm.VAEConfig.sd()
   assert sd.block_out_channels == (128, 256, 512, 512) and sd.downsample_factor == 8
   with torch.device("meta"):
-    ref = diffusers.AutoencoderKL.from_config(sd.to_diffusers())
+    ref = diffusers.AutoencoderKL.from_config(config_to_diffusers(sd))
   want = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
   abstract = nnx.eval_shape(lambda: vm.AutoencoderKL(sd, rngs=nnx.Rngs(0)))
   leaves = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}

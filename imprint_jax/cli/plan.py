@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
   os.environ["JAX_PLATFORMS"] = "cpu"
   # Imported only now: JAX reads the environment set above when it starts.
-  from imprint_jax.parallel import plan
+  from imprint_jax.train import plan
   from imprint_jax.train import run_config
   config = run_config.load(args.config, args.set)
   devices, hbm_gib = None, args.hbm_gib

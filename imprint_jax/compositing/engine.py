@@ -35,10 +35,9 @@ from imprint_jax.compositing import placement
 from imprint_jax.compositing.jobs import DEFAULT_ENCODER_SIZE, DEFAULT_GENERATOR_SIZE, Prepared
 from imprint_jax.diffusion import generate
 from imprint_jax.errors import UserError
-from imprint_jax.models import layers
 from imprint_jax.models.imprint import Imprint, ImprintConfig
 from imprint_jax.parallel import cpu_runtime
-from imprint_jax.parallel import sharding
+from imprint_jax.parallel import compiler, sharding
 
 DEFAULT_BATCH_SIZE = 8
 
@@ -94,7 +93,7 @@ def program(graphdef, mesh: Mesh, num_steps: int, sampler: str, prediction_type:
   fn = jax.jit(composite_batch,
                in_shardings=(state_in, rows, rows, rows, rows, rows, repl,
                              rows if given_latents else repl),
-               out_shardings=rows, compiler_options=layers.compiler_options(target))
+               out_shardings=rows, compiler_options=compiler.compiler_options(target))
   _PROGRAMS[key] = fn
   return fn
 

@@ -30,6 +30,8 @@ from flax import nnx
 from imprint_jax.errors import UserError
 
 Path_ = tuple[str | int, ...]
+# The diffusers release the exported config.json files were tested against.
+DIFFUSERS_VERSION = "0.42.1"
 
 
 def _conv_to_jax(w: np.ndarray) -> np.ndarray:  # torch OIHW -> HWIO

@@ -9,10 +9,13 @@ Two spellings of the mid-block attention exist in diffusers-format VAE files:
 Both keep `group_norm`. Import detects the spelling from the keys; export always writes the new
 one. The projections are linear (O, I) in diffusers files; a (O, I, 1, 1) 1x1-conv kernel (as in
 the original LDM attention) is accepted as well, per key, through the `conv1x1_linear` kind.
+
+`config_from_diffusers` / `config_to_diffusers` translate the folder's config.json.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -21,20 +24,82 @@ from typing import Any
 from flax import nnx
 
 from imprint_jax.convert import common
-from imprint_jax.convert.common import Rule
+from imprint_jax.convert.common import DIFFUSERS_VERSION, Rule
 from imprint_jax.errors import UserError
-from imprint_jax.models.vae import AutoencoderKL, VAEConfig
 from imprint_jax.models import layers
+from imprint_jax.models.vae import DOWN_BLOCK, UP_BLOCK, AutoencoderKL, VAEConfig
 
 WHAT = "VAE"
 WEIGHTS_STEM = "diffusion_pytorch_model"
-# The diffusers release the exported config.json was tested against.
-DIFFUSERS_VERSION = "0.42.1"
 ATTN_NAMES = {
     "new": {"q": "to_q", "k": "to_k", "v": "to_v", "out": "to_out.0"},
     "old": {"q": "query", "k": "key", "v": "value", "out": "proj_attn"},
 }
 _NNX_ATTN = {"q": ("to_q",), "k": ("to_k",), "v": ("to_v",), "out": ("to_out", 0)}
+
+
+def config_from_diffusers(config: dict[str, Any], **overrides: Any) -> VAEConfig:
+  """The VAEConfig of a diffusers `AutoencoderKL` config.json dict; `overrides` set our runtime
+  fields (dtype, remat).
+
+  Raises UserError for anything this implementation does not build (other block types,
+  another activation, a latent shift), naming the key and the value.
+  """
+  name = config.get("_class_name", "AutoencoderKL")
+  if name != "AutoencoderKL":
+    raise UserError(f"VAE config: _class_name {name!r} is not supported (expected"
+                    " 'AutoencoderKL')")
+  boc = tuple(config.get("block_out_channels", (64,)))
+  for key, want in (("down_block_types", DOWN_BLOCK), ("up_block_types", UP_BLOCK)):
+    types = list(config.get(key, (want,)))
+    for t in types:
+      if t != want:
+        raise UserError(f"VAE config {key}: block type {t!r} is not supported (only {want!r})")
+    if len(types) != len(boc):
+      raise UserError(f"VAE config {key} has {len(types)} entries but block_out_channels has"
+                      f" {len(boc)}")
+  act = config.get("act_fn", "silu")
+  if act not in ("silu", "swish"):
+    raise UserError(f"VAE config act_fn {act!r} is not supported (only 'silu')")
+  sample_size = config.get("sample_size", 32)
+  if isinstance(sample_size, (list, tuple)):
+    sample_size = sample_size[0]
+  fields = {f.name for f in dataclasses.fields(VAEConfig)}
+  kw = {k: v for k, v in config.items()
+        if k in fields and k not in ("sample_size", "block_out_channels")}
+  # diffusers' own defaults where a config leaves a key out (they differ from the SD preset).
+  kw.setdefault("layers_per_block", 1)
+  kw.setdefault("latent_channels", 4)
+  kw.setdefault("norm_num_groups", 32)
+  kw.setdefault("scaling_factor", 0.18215)
+  return VAEConfig(block_out_channels=boc, sample_size=int(sample_size), **{**kw, **overrides})
+
+
+def config_to_diffusers(cfg: VAEConfig) -> dict[str, Any]:
+  """The diffusers config.json dict that `AutoencoderKL.from_config` builds this VAE from."""
+  n = len(cfg.block_out_channels)
+  return {
+      "_class_name": "AutoencoderKL",
+      "in_channels": cfg.in_channels,
+      "out_channels": cfg.out_channels,
+      "down_block_types": [DOWN_BLOCK] * n,
+      "up_block_types": [UP_BLOCK] * n,
+      "block_out_channels": list(cfg.block_out_channels),
+      "layers_per_block": cfg.layers_per_block,
+      "act_fn": "silu",
+      "latent_channels": cfg.latent_channels,
+      "norm_num_groups": cfg.norm_num_groups,
+      "sample_size": cfg.sample_size,
+      "scaling_factor": cfg.scaling_factor,
+      "shift_factor": None,
+      "latents_mean": None,
+      "latents_std": None,
+      "force_upcast": True,
+      "use_quant_conv": cfg.use_quant_conv,
+      "use_post_quant_conv": cfg.use_post_quant_conv,
+      "mid_block_add_attention": cfg.mid_block_add_attention,
+  }
+
 
 
 def _resnet(prefix: str, path: tuple, in_ch: int, out_ch: int) -> list[Rule]:
@@ -133,8 +198,8 @@ def load_vae(folder: str | os.PathLike, *, dtype: str = "float32",
   architecture, or a missing/unexpected/wrongly-shaped key (naming it).
   """
   folder = vae_folder(folder)
-  cfg = VAEConfig.from_diffusers(common.read_json(folder / "config.json", WHAT),
-                                 dtype=dtype, remat=remat)
+  cfg = config_from_diffusers(common.read_json(folder / "config.json", WHAT), dtype=dtype,
+                              remat=remat)
   files = common.find_weight_file(folder, WEIGHTS_STEM)
   tensors = common.read_safetensors(files)
   source = str(files[0]) if len(files) == 1 else str(folder)
@@ -153,7 +218,7 @@ def save_vae(vae: AutoencoderKL, out: str | os.PathLike) -> Path:
   """Writes a diffusers VAE folder (config.json + diffusion_pytorch_model.safetensors, new
   attention spelling, float32) that `diffusers.AutoencoderKL.from_pretrained` loads as is."""
   tensors = common.export_from(vae, vae_rules(vae.cfg, "new"), what=WHAT)
-  config = {**vae.cfg.to_diffusers(), "_diffusers_version": DIFFUSERS_VERSION}
+  config = {**config_to_diffusers(vae.cfg), "_diffusers_version": DIFFUSERS_VERSION}
   with common.AtomicDir(out) as tmp:
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     common.write_safetensors(tmp / f"{WEIGHTS_STEM}.safetensors", tensors)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imprint_jax.errors import UserError
-from imprint_jax.models import layers
+from imprint_jax.models import attention, layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,34 +64,6 @@ class AdapterConfig:
   def has_proj_in(self) -> bool:
     return self.width != self.in_dim
 
-  # Fields written to / read from config.json; dtype and remat are runtime choices.
-  FILE_FIELDS = ("in_dim", "width", "depth", "num_heads", "mlp_ratio", "out_dim",
-                 "layer_norm_eps")
-
-  def to_json(self) -> dict[str, Any]:
-    """The config.json dict of an exported adapter (architecture fields only)."""
-    out = {"_class_name": "ContentAdapter"}
-    out.update({k: getattr(self, k) for k in self.FILE_FIELDS})
-    return out
-
-  @classmethod
-  def from_json(cls, config: dict[str, Any], source: str = "config.json",
-                **overrides: Any) -> AdapterConfig:
-    """Parses `to_json`'s dict; `overrides` sets dtype/remat. Unknown keys are an error."""
-    fields = {k: v for k, v in config.items() if not k.startswith("_")}
-    unknown = sorted(set(fields) - set(cls.FILE_FIELDS) - {"dtype", "remat"})
-    if unknown:
-      raise UserError(f"{source}: unknown adapter config key {unknown[0]!r} (expected"
-                      f" {', '.join(cls.FILE_FIELDS)})")
-    if "in_dim" not in fields:
-      raise UserError(f"{source}: missing 'in_dim'; not a content-adapter config")
-    fields.pop("dtype", None)
-    fields.pop("remat", None)
-    try:
-      return cls(**fields, **overrides)
-    except (TypeError, ValueError) as e:
-      raise UserError(f"{source}: bad adapter config value ({e})") from None
-
 
 class SelfAttention(nnx.Module):
   """Multi-head self-attention with biased q/k/v/out projections."""
@@ -106,7 +78,7 @@ class SelfAttention(nnx.Module):
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     b, l, d = x_BLD.shape
     split = lambda t: t.reshape(b, l, self.num_heads, d // self.num_heads)
-    o = layers.attention(split(self.q_proj(x_BLD)), split(self.k_proj(x_BLD)),
+    o = attention.attention(split(self.q_proj(x_BLD)), split(self.k_proj(x_BLD)),
                          split(self.v_proj(x_BLD)))
     return self.out_proj(o.reshape(b, l, d))
 

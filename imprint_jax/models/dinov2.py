@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -30,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from imprint_jax.errors import UserError
-from imprint_jax.models import layers
+from imprint_jax.models import attention, layers
 
 _PRESETS = {  # name -> (hidden_size, num_layers, num_heads, use_swiglu_ffn)
     "s": (384, 12, 6, False),
@@ -106,93 +105,6 @@ class Dinov2Config:
     fields = dict(hidden_size=hidden, num_layers=depth, num_heads=heads,
                   use_swiglu_ffn=swiglu, num_register_tokens=registers)
     return cls(**{**fields, **overrides})
-
-  @classmethod
-  def from_hf(cls, config: Mapping[str, Any], **overrides: Any) -> Dinov2Config:
-    """Reads a transformers `config.json` dict (model_type dinov2 or dinov2_with_registers).
-
-    Training-only settings (dropout, drop_path) are ignored; settings this module cannot
-    reproduce raise UserError. `overrides` sets our runtime fields (dtype, remat).
-    """
-    model_type = config.get("model_type")
-    if model_type not in ("dinov2", "dinov2_with_registers"):
-      raise UserError(f"config.json model_type is {model_type!r}, expected 'dinov2' or"
-                      " 'dinov2_with_registers'")
-    act = config.get("hidden_act", "gelu")
-    if act != "gelu":
-      raise UserError(f"config.json hidden_act {act!r} is not supported (only 'gelu', the"
-                      " exact erf GELU of the released DINOv2 models)")
-    if "head_dim" in config and config["head_dim"] * config["num_attention_heads"] != (
-        config["hidden_size"]):
-      raise UserError("config.json head_dim * num_attention_heads must equal hidden_size")
-    image_size = _square(config.get("image_size", 224), "image_size")
-    patch_size = _square(config.get("patch_size", 14), "patch_size")
-    if model_type == "dinov2_with_registers":
-      registers = int(config.get("num_register_tokens", 4))
-      if registers == 0:
-        raise UserError("config.json: a dinov2_with_registers model with 0 register tokens is"
-                        " not supported (its position interpolation differs from dinov2's)")
-      use_mask_token = True
-    else:
-      registers = 0
-      use_mask_token = bool(config.get("use_mask_token", True))
-    try:
-      return cls(hidden_size=int(config["hidden_size"]),
-                 num_layers=int(config["num_hidden_layers"]),
-                 num_heads=int(config["num_attention_heads"]),
-                 mlp_ratio=float(config.get("mlp_ratio", 4)),
-                 patch_size=patch_size, image_size=image_size,
-                 num_channels=int(config.get("num_channels", 3)),
-                 num_register_tokens=registers,
-                 use_swiglu_ffn=bool(config.get("use_swiglu_ffn", False)),
-                 layerscale_value=float(config.get("layerscale_value", 1.0)),
-                 layer_norm_eps=float(config.get("layer_norm_eps", 1e-6)),
-                 qkv_bias=bool(config.get("qkv_bias", True)),
-                 use_mask_token=use_mask_token, **overrides)
-    except KeyError as e:
-      raise UserError(f"config.json lacks {e.args[0]!r}, which a DINOv2 config needs") from None
-
-  def to_hf(self) -> dict[str, Any]:
-    """A complete transformers config.json dict (Dinov2Model, or Dinov2WithRegistersModel)."""
-    registers = self.num_register_tokens > 0
-    mlp_ratio = int(self.mlp_ratio) if float(self.mlp_ratio).is_integer() else self.mlp_ratio
-    out = {
-        "architectures": ["Dinov2WithRegistersModel" if registers else "Dinov2Model"],
-        "model_type": "dinov2_with_registers" if registers else "dinov2",
-        "hidden_size": self.hidden_size,
-        "num_hidden_layers": self.num_layers,
-        "num_attention_heads": self.num_heads,
-        "mlp_ratio": mlp_ratio,
-        "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.0,
-        "attention_probs_dropout_prob": 0.0,
-        "initializer_range": 0.02,
-        "layer_norm_eps": self.layer_norm_eps,
-        "image_size": self.image_size,
-        "patch_size": self.patch_size,
-        "num_channels": self.num_channels,
-        "qkv_bias": self.qkv_bias,
-        "layerscale_value": self.layerscale_value,
-        "drop_path_rate": 0.0,
-        "use_swiglu_ffn": self.use_swiglu_ffn,
-        "apply_layernorm": True,
-        "reshape_hidden_states": True,
-        "dtype": "float32",
-    }
-    if registers:
-      out["num_register_tokens"] = self.num_register_tokens
-    else:
-      out["use_mask_token"] = self.use_mask_token
-    return out
-
-
-def _square(value: Any, name: str) -> int:
-  if isinstance(value, (list, tuple)):
-    if len(value) != 2 or value[0] != value[1]:
-      raise UserError(f"config.json {name} {value} is not square; DINOv2 needs a square"
-                      f" {name}")
-    value = value[0]
-  return int(value)
 
 
 # ----------------------------------------------------------------- position-embedding resampling
@@ -272,7 +184,7 @@ class Attention(nnx.Module):
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     b, l, d = x_BLD.shape
     split = lambda t: t.reshape(b, l, self.num_heads, d // self.num_heads)
-    o_BLHK = layers.attention(split(self.query(x_BLD)), split(self.key(x_BLD)),
+    o_BLHK = attention.attention(split(self.query(x_BLD)), split(self.key(x_BLD)),
                               split(self.value(x_BLD)))
     return self.out(o_BLHK.reshape(b, l, d))
 

@@ -58,7 +58,8 @@ class ImprintConfig:
         raise UserError(f"{klass.__name__}: unknown field {sorted(unknown)[0]!r}")
       return klass(**{k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()})
     try:
-      return cls(dinov2=build(Dinov2Config, d["dinov2"]), adapter=build(AdapterConfig, d["adapter"]),
+      return cls(dinov2=build(Dinov2Config, d["dinov2"]),
+                 adapter=build(AdapterConfig, d["adapter"]),
                  unet=build(UNetConfig, d["unet"]), vae=build(VAEConfig, d["vae"]))
     except KeyError as e:
       raise UserError(f"model config lacks the {e.args[0]!r} section") from None

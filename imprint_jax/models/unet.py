@@ -26,7 +26,8 @@ import numpy as np
 from flax import nnx
 
 from imprint_jax.errors import UserError
-from imprint_jax.models import layers
+from imprint_jax.models import attention, layers
+from imprint_jax.parallel import sharding
 
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -50,7 +51,8 @@ def _per_block(value: Any, n: int, name: str) -> tuple:
 
 @dataclasses.dataclass(frozen=True)
 class UNetConfig:
-  """The architecture of a SD-family UNet, in diffusers' terms (see `from_diffusers`).
+  """The architecture of a SD-family UNet, in diffusers' terms (read from and written to a
+  diffusers config.json by `convert.unet.config_from_diffusers` / `config_to_diffusers`).
 
   `attention_head_dim` follows diffusers' legacy naming: when `num_attention_heads` is None (every
   SD checkpoint) it is the NUMBER of heads per block, and the head width is channels // heads.
@@ -163,162 +165,6 @@ class UNetConfig:
                 use_linear_projection=True, upcast_attention=True)
     return cls(**{**base, **overrides})
 
-  # ------------------------------------------------------------------ diffusers config.json
-
-  @classmethod
-  def from_diffusers(cls, config: dict[str, Any], *, dtype: str = "float32",
-                     remat: str = "none") -> UNetConfig:
-    """The config of a diffusers `UNet2DConditionModel` config.json dict.
-
-    Raises UserError naming the key for anything this implementation does not reproduce
-    exactly (other block types, class/addition embeddings, scale-shift resnets, ...).
-    """
-    if not isinstance(config, dict):
-      raise UserError(f"UNet config: expected a JSON object, got {type(config).__name__}")
-    name = config.get("_class_name", "UNet2DConditionModel")
-    if name != "UNet2DConditionModel":
-      raise UserError(f"UNet config: _class_name={name!r}; expected 'UNet2DConditionModel'")
-
-    def bad(key: str, hint: str = "") -> UserError:
-      return UserError(f"UNet config: {key}={config[key]!r} is not supported{hint}")
-
-    # key -> the only value we support (diffusers' default); anything else changes the network.
-    must_equal = {
-        "class_embed_type": None, "addition_embed_type": None, "time_cond_proj_dim": None,
-        "encoder_hid_dim": None, "encoder_hid_dim_type": None, "dual_cross_attention": False,
-        "resnet_time_scale_shift": "default", "conv_in_kernel": 3, "conv_out_kernel": 3,
-        "num_class_embeds": None, "time_embedding_type": "positional",
-        "time_embedding_dim": None, "time_embedding_act_fn": None, "timestep_post_act": None,
-        "attention_type": "default", "mid_block_scale_factor": 1,
-        "reverse_transformer_layers_per_block": None, "dropout": 0.0,
-    }
-    for key, want in must_equal.items():
-      if key in config and config[key] != want:
-        raise bad(key, f" (only {want!r})")
-    if config.get("num_attention_heads") is not None:
-      # diffusers' UNet2DConditionModel itself refuses this key (see its __init__).
-      raise bad("num_attention_heads", "; diffusers' UNet2DConditionModel sets heads via"
-                " attention_head_dim")
-    if config.get("norm_num_groups", 32) is None:
-      raise bad("norm_num_groups", " (a UNet without output GroupNorm)")
-    oca = config.get("only_cross_attention", False)
-    if any(oca) if isinstance(oca, (list, tuple)) else oca:
-      raise bad("only_cross_attention")
-
-    def uniform(key: str, default: Any) -> Any:
-      value = config.get(key, default)
-      if isinstance(value, (list, tuple)):
-        if len(set(value)) != 1:
-          raise bad(key, " (per-block values differ)")
-        value = value[0]
-      return value
-
-    def as_tuple(key: str, default: Any) -> Any:
-      value = config.get(key, default)
-      if isinstance(value, (list, tuple)):
-        if any(isinstance(v, (list, tuple)) for v in value):
-          raise bad(key, " (nested per-layer lists)")
-        return tuple(value)
-      return value
-
-    d = cls()
-    sample_size = config.get("sample_size", d.sample_size)
-    if isinstance(sample_size, (list, tuple)):
-      sample_size = tuple(sample_size)
-    try:
-      return cls(
-          in_channels=config.get("in_channels", 4),
-          out_channels=config.get("out_channels", 4),
-          sample_size=sample_size,
-          block_out_channels=tuple(config.get("block_out_channels", d.block_out_channels)),
-          down_block_types=tuple(config.get("down_block_types", d.down_block_types)),
-          up_block_types=tuple(config.get("up_block_types", d.up_block_types)),
-          mid_block_type=config.get("mid_block_type", d.mid_block_type),
-          layers_per_block=uniform("layers_per_block", 2),
-          attention_head_dim=as_tuple("attention_head_dim", 8),
-          num_attention_heads=None,
-          cross_attention_dim=uniform("cross_attention_dim", 1280),
-          use_linear_projection=config.get("use_linear_projection", False),
-          upcast_attention=config.get("upcast_attention", False),
-          only_cross_attention=False,
-          norm_num_groups=config.get("norm_num_groups", 32),
-          norm_eps=config.get("norm_eps", 1e-5),
-          flip_sin_to_cos=config.get("flip_sin_to_cos", True),
-          freq_shift=config.get("freq_shift", 0),
-          act_fn=config.get("act_fn", "silu"),
-          transformer_layers_per_block=as_tuple("transformer_layers_per_block", 1),
-          downsample_padding=config.get("downsample_padding", 1),
-          center_input_sample=config.get("center_input_sample", False),
-          dtype=dtype, remat=remat)
-    except TypeError as e:  # e.g. a string where a number belongs
-      raise UserError(f"UNet config: malformed value ({e})") from None
-
-  def to_diffusers(self) -> dict[str, Any]:
-    """A complete diffusers config.json dict for `UNet2DConditionModel` (every init argument)."""
-    try:
-      from importlib.metadata import version
-      diffusers_version = version("diffusers")
-    except Exception:  # noqa: BLE001 - the version string is informative only
-      diffusers_version = "0.42.1"
-
-    def jsonable(v: Any) -> Any:
-      return list(v) if isinstance(v, tuple) else v
-
-    # The head counts go under the legacy key, as in every diffusers SD checkpoint.
-    head_key = jsonable(self.num_attention_heads or self.attention_head_dim)
-    return {
-        "_class_name": "UNet2DConditionModel",
-        "_diffusers_version": diffusers_version,
-        "act_fn": self.act_fn,
-        "addition_embed_type": None,
-        "addition_embed_type_num_heads": 64,
-        "addition_time_embed_dim": None,
-        "attention_head_dim": head_key,
-        "attention_type": "default",
-        "block_out_channels": list(self.block_out_channels),
-        "center_input_sample": self.center_input_sample,
-        "class_embed_type": None,
-        "class_embeddings_concat": False,
-        "conv_in_kernel": 3,
-        "conv_out_kernel": 3,
-        "cross_attention_dim": self.cross_attention_dim,
-        "cross_attention_norm": None,
-        "down_block_types": list(self.down_block_types),
-        "downsample_padding": self.downsample_padding,
-        "dropout": 0.0,
-        "dual_cross_attention": False,
-        "encoder_hid_dim": None,
-        "encoder_hid_dim_type": None,
-        "flip_sin_to_cos": self.flip_sin_to_cos,
-        "freq_shift": self.freq_shift,
-        "in_channels": self.in_channels,
-        "layers_per_block": self.layers_per_block,
-        "mid_block_only_cross_attention": None,
-        "mid_block_scale_factor": 1,
-        "mid_block_type": self.mid_block_type,
-        "norm_eps": self.norm_eps,
-        "norm_num_groups": self.norm_num_groups,
-        "num_attention_heads": None,
-        "num_class_embeds": None,
-        "only_cross_attention": False,
-        "out_channels": self.out_channels,
-        "projection_class_embeddings_input_dim": None,
-        "resnet_out_scale_factor": 1.0,
-        "resnet_skip_time_act": False,
-        "resnet_time_scale_shift": "default",
-        "reverse_transformer_layers_per_block": None,
-        "sample_size": jsonable(self.sample_size),
-        "time_cond_proj_dim": None,
-        "time_embedding_act_fn": None,
-        "time_embedding_dim": None,
-        "time_embedding_type": "positional",
-        "timestep_post_act": None,
-        "transformer_layers_per_block": jsonable(self.transformer_layers_per_block),
-        "up_block_types": list(self.up_block_types),
-        "upcast_attention": self.upcast_attention,
-        "use_linear_projection": self.use_linear_projection,
-    }
-
 
 # ============================================================================ functions
 
@@ -397,7 +243,7 @@ class ResnetBlock2D(nnx.Module):
     h = self.conv2(jax.nn.silu(self.norm2(h)))
     if self.conv_shortcut is not None:
       x_BHWC = self.conv_shortcut(x_BHWC)
-    return layers.shard_batch(x_BHWC + h)
+    return sharding.shard_batch(x_BHWC + h)
 
 
 class Attention(nnx.Module):
@@ -418,7 +264,7 @@ class Attention(nnx.Module):
   def __call__(self, x_BLD: jax.Array, ctx_BSE: jax.Array) -> jax.Array:
     b, l, d = x_BLD.shape
     split = lambda t: t.reshape(t.shape[0], t.shape[1], self.heads, -1)
-    out_BLHK = layers.attention(split(self.to_q(x_BLD)), split(self.to_k(ctx_BSE)),
+    out_BLHK = attention.attention(split(self.to_q(x_BLD)), split(self.to_k(ctx_BSE)),
                                 split(self.to_v(ctx_BSE)), upcast=self.upcast)
     return self.to_out(out_BLHK.reshape(b, l, d))
 
@@ -477,7 +323,7 @@ class Transformer2DModel(nnx.Module):
     tokens_BLD = self.proj_in(self.norm(x_BHWC)).reshape(b, h * w, c)
     for block in self.transformer_blocks:
       tokens_BLD = block(tokens_BLD, ctx_BSE)
-    return layers.shard_batch(x_BHWC + self.proj_out(tokens_BLD).reshape(b, h, w, c))
+    return sharding.shard_batch(x_BHWC + self.proj_out(tokens_BLD).reshape(b, h, w, c))
 
 
 class Downsample(nnx.Module):
@@ -488,7 +334,7 @@ class Downsample(nnx.Module):
     self.conv = layers.conv(channels, channels, 3, stride=2, padding=pad, dtype=dtype, rngs=rngs)
 
   def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-    return layers.shard_batch(self.conv(x_BHWC))
+    return sharding.shard_batch(self.conv(x_BHWC))
 
 
 class Upsample(nnx.Module):
@@ -498,7 +344,7 @@ class Upsample(nnx.Module):
     self.conv = layers.conv(channels, channels, 3, dtype=dtype, rngs=rngs)
 
   def __call__(self, x_BHWC: jax.Array, height: int, width: int) -> jax.Array:
-    return layers.shard_batch(self.conv(_nearest_resize(x_BHWC, height, width)))
+    return sharding.shard_batch(self.conv(_nearest_resize(x_BHWC, height, width)))
 
 
 class DownBlock(nnx.Module):

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imprint_jax.errors import UserError
-from imprint_jax.models import layers
+from imprint_jax.models import attention, layers
 
 DOWN_BLOCK = "DownEncoderBlock2D"
 UP_BLOCK = "UpDecoderBlock2D"
@@ -35,7 +35,8 @@ LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-  """Architecture of an SD-family AutoencoderKL (the fields of its diffusers config.json)."""
+  """Architecture of an SD-family AutoencoderKL (the fields of its diffusers config.json, read
+  and written by `convert.vae.config_from_diffusers` / `config_to_diffusers`)."""
   in_channels: int = 3
   out_channels: int = 3
   latent_channels: int = 4
@@ -71,67 +72,6 @@ class VAEConfig:
   def downsample_factor(self) -> int:
     """Image pixels per latent pixel along each side (8 for SD)."""
     return 2 ** (len(self.block_out_channels) - 1)
-
-  @classmethod
-  def from_diffusers(cls, config: dict[str, Any], **overrides: Any) -> VAEConfig:
-    """Reads a diffusers `AutoencoderKL` config.json dict; `overrides` set dtype/remat.
-
-    Raises UserError for anything this implementation does not build (other block types,
-    another activation, a latent shift), naming the key and the value.
-    """
-    name = config.get("_class_name", "AutoencoderKL")
-    if name != "AutoencoderKL":
-      raise UserError(f"VAE config: _class_name {name!r} is not supported (expected"
-                      " 'AutoencoderKL')")
-    boc = tuple(config.get("block_out_channels", (64,)))
-    for key, want in (("down_block_types", DOWN_BLOCK), ("up_block_types", UP_BLOCK)):
-      types = list(config.get(key, (want,)))
-      for t in types:
-        if t != want:
-          raise UserError(f"VAE config {key}: block type {t!r} is not supported (only {want!r})")
-      if len(types) != len(boc):
-        raise UserError(f"VAE config {key} has {len(types)} entries but block_out_channels has"
-                        f" {len(boc)}")
-    act = config.get("act_fn", "silu")
-    if act not in ("silu", "swish"):
-      raise UserError(f"VAE config act_fn {act!r} is not supported (only 'silu')")
-    sample_size = config.get("sample_size", 32)
-    if isinstance(sample_size, (list, tuple)):
-      sample_size = sample_size[0]
-    fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in config.items()
-          if k in fields and k not in ("sample_size", "block_out_channels")}
-    # diffusers' own defaults where a config leaves a key out (they differ from the SD preset).
-    kw.setdefault("layers_per_block", 1)
-    kw.setdefault("latent_channels", 4)
-    kw.setdefault("norm_num_groups", 32)
-    kw.setdefault("scaling_factor", 0.18215)
-    return cls(block_out_channels=boc, sample_size=int(sample_size), **{**kw, **overrides})
-
-  def to_diffusers(self) -> dict[str, Any]:
-    """The diffusers config.json dict that `AutoencoderKL.from_config` builds this VAE from."""
-    n = len(self.block_out_channels)
-    return {
-        "_class_name": "AutoencoderKL",
-        "in_channels": self.in_channels,
-        "out_channels": self.out_channels,
-        "down_block_types": [DOWN_BLOCK] * n,
-        "up_block_types": [UP_BLOCK] * n,
-        "block_out_channels": list(self.block_out_channels),
-        "layers_per_block": self.layers_per_block,
-        "act_fn": "silu",
-        "latent_channels": self.latent_channels,
-        "norm_num_groups": self.norm_num_groups,
-        "sample_size": self.sample_size,
-        "scaling_factor": self.scaling_factor,
-        "shift_factor": None,
-        "latents_mean": None,
-        "latents_std": None,
-        "force_upcast": True,
-        "use_quant_conv": self.use_quant_conv,
-        "use_post_quant_conv": self.use_post_quant_conv,
-        "mid_block_add_attention": self.mid_block_add_attention,
-    }
 
   @classmethod
   def sd(cls, **overrides: Any) -> VAEConfig:
@@ -197,7 +137,7 @@ class Attention(nnx.Module):
     b, h, w, c = x_BHWC.shape
     tokens_BLC = self.group_norm(x_BHWC).reshape(b, h * w, c)
     q, k, v = (proj(tokens_BLC)[:, :, None, :] for proj in (self.to_q, self.to_k, self.to_v))
-    out_BLC = layers.attention(q, k, v, upcast=True).reshape(b, h * w, c)
+    out_BLC = attention.attention(q, k, v, upcast=True).reshape(b, h * w, c)
     out_BHWC = self.to_out[0](out_BLC).reshape(b, h, w, c)
     return x_BHWC + out_BHWC
 

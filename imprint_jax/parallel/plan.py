@@ -1,4 +1,8 @@
-"""`imprint-jax plan`: per-device memory of a training step, compiled ahead of time.
+"""Memory plans: per-device memory and FLOPs of a step compiled ahead of time for a mesh.
+
+What a plan holds (`Plan`), the HBM of TPU devices, the devices of a TPU topology, what a
+compiled step reports (`compiled_costs`) and the table `imprint-jax plan` prints. Building a
+training run's state and step is training's half: `imprint_jax.train.plan`.
 
 The state is built abstractly (`nnx.eval_shape`), the step lowered with ShapeDtypeStructs and
 compiled for the requested mesh: nothing is allocated. Parameter and optimizer bytes per
@@ -14,17 +18,16 @@ step. Two targets:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import time
+from collections.abc import Mapping
+from typing import Any
 
 import jax
-import ml_collections
+from jax.experimental import topologies
+from jax.sharding import Mesh
 
 from imprint_jax.errors import UserError
-from imprint_jax.train import setup as setup_lib
 from imprint_jax.parallel import sharding
-from imprint_jax.train.loop import compile_steps
 
 GIB = 2**30
 
@@ -48,10 +51,6 @@ class Plan:
     return self.params_bytes + self.opt_bytes + self.batch_bytes + (self.temp_bytes or 0)
 
 
-def _count(tree) -> int:
-  return sum(x.size for x in jax.tree.leaves(tree))
-
-
 # HBM per device in GiB by `device_kind`, for slices whose devices are whole chips (v5e and
 # v6e have one TensorCore per chip, v5p's two act as one megacore device). Others (v4's
 # topology descriptions list each core) need --hbm-gib.
@@ -61,7 +60,6 @@ HBM_GIB = {"TPU v5 lite": 16.0, "TPU v5": 95.0, "TPU v6 lite": 32.0}
 def topology_devices(name: str) -> list:
   """The devices of TPU slice `name` ('v5e:4x4', 'v5p:4x4x4', ...) for ahead-of-time
   compilation from a host without TPUs (needs libtpu)."""
-  from jax.experimental import topologies
   try:
     return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
   except Exception as e:  # libtpu explains bad names in the first line of its message
@@ -72,44 +70,42 @@ def hbm_gib(device_kind: str) -> float | None:
   return HBM_GIB.get(device_kind)
 
 
-def plan(config: ml_collections.ConfigDict, mesh: dict[str, int], devices=None) -> Plan:
-  """Compiles the config's training step for `mesh` on `devices` (default: all of JAX's)."""
-  c = copy.deepcopy(config)
-  c.mesh = ml_collections.ConfigDict(mesh)
-  c.init.checkpoint = ""
-  c.init.encoder_from = ""
-  c.allow_random_encoder = True
-  s = setup_lib.build(c, total_steps=10_000, steps_per_epoch=1_000, devices=devices)
-  st, sh = s.abstract_state, s.state_shardings
-  params_bytes = sharding.bytes_per_device(setup_lib.full_model_state(st),
-                                           setup_lib.full_model_state(sh))
-  opt_bytes = sharding.bytes_per_device(st.opt_state, sh.opt_state)
-  batch = s.batch_spec(c.train.global_batch)
-  batch_bytes = sum(v.sharding.shard_shape(v.shape)[0] * v.size // v.shape[0] * 4
-                    for v in batch.values())
-  t0 = time.time()
-  compiled, _ = compile_steps(s)
-  compile_s = time.time() - t0
+def count(tree: Any) -> int:
+  """The number of elements of all arrays (or ShapeDtypeStructs) in `tree`."""
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def batch_bytes(batch: Mapping[str, jax.ShapeDtypeStruct]) -> int:
+  """Bytes one device holds of a global batch of sharded ShapeDtypeStructs, every element
+  counted at 4 bytes (float32)."""
+  return sum(v.sharding.shard_shape(v.shape)[0] * v.size // v.shape[0] * 4
+             for v in batch.values())
+
+
+def compiled_costs(compiled: Any) -> tuple[int | None, float | None]:
+  """(temporary bytes, FLOPs) per device of a compiled step, from XLA's memory and cost
+  analyses; None for what the backend does not report."""
   temp = flops = None
   try:
     temp = compiled.memory_analysis().temp_size_in_bytes
-  except Exception:  # backend without memory analysis
+  except Exception:  # noqa: BLE001 - backend without memory analysis
     pass
   try:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     flops = float(cost.get("flops", 0.0)) or None
-  except Exception:
+  except Exception:  # noqa: BLE001 - backend without cost analysis
     pass
-  return Plan(mesh=dict(zip(sharding.MESH_AXES, (s.mesh.shape[a] for a in sharding.MESH_AXES))),
-              global_batch=c.train.global_batch,
-              params_total=_count(setup_lib.full_model_state(st)),
-              trainable_total=_count(st.params), params_bytes=params_bytes,
-              opt_bytes=opt_bytes, batch_bytes=batch_bytes, temp_bytes=temp, flops=flops,
-              compile_s=compile_s, target=_target(s.mesh))
+  return temp, flops
 
 
-def _target(mesh) -> str:
+def mesh_sizes(mesh: Mesh) -> dict[str, int]:
+  """{'data': D, 'fsdp': F, 'tensor': T} of a mesh."""
+  return dict(zip(sharding.MESH_AXES, (mesh.shape[a] for a in sharding.MESH_AXES)))
+
+
+def target(mesh: Mesh) -> str:
+  """What a step for `mesh` is compiled for: 'virtual CPU devices' or the device kind."""
   d = mesh.devices.flat[0]
   return "virtual CPU devices" if d.platform == "cpu" else d.device_kind
 
@@ -133,7 +129,7 @@ def print_plan(p: Plan, hbm_gib: float | None = None) -> bool:
   ]
   if p.flops:
     # XLA's cost analysis counts a loop's body once: on CPU devices the attention over long
-    # sequences loops over query blocks (layers._blocked_attention), so the figure is low.
+    # sequences loops over query blocks (attention._blocked_attention), so the figure is low.
     note = " (XLA estimate; CPU attention loops counted once: a lower bound)" if (
         p.target == "virtual CPU devices") else ""
     rows.append(("step FLOPs / device", f"{p.flops / 1e12:.2f} TFLOP{note}"))

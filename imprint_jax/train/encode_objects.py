@@ -41,6 +41,7 @@ from imprint_jax.data import latent_store, pipeline, prepared, records, token_st
 from imprint_jax.data import masks as masks_lib
 from imprint_jax.errors import UserError
 from imprint_jax.models import layers
+from imprint_jax.parallel import compiler
 from imprint_jax.models.dinov2 import Dinov2
 from imprint_jax.models.vae import AutoencoderKL
 from imprint_jax.parallel import sharding
@@ -72,7 +73,7 @@ def _probe(setup: setup_lib.Setup, fn, state, image: np.ndarray) -> np.ndarray:
   """fn(state, image)[0] as float32 numpy, replicated (on every process)."""
   repl = NamedSharding(setup.mesh, P())
   x = jax.device_put(image, repl)
-  with jax.set_mesh(setup.mesh), layers.compiling_for(setup.mesh.devices.flat[0].platform):
+  with jax.set_mesh(setup.mesh), compiler.compiling_for(setup.mesh.devices.flat[0].platform):
     return np.asarray(jax.jit(fn, out_shardings=repl)(state, x))[0]
 
 
@@ -213,7 +214,7 @@ class _Store:
 
     def run(images: np.ndarray) -> np.ndarray:
       x = jax.make_array_from_process_local_data(self.batch_sharding, images)
-      with jax.set_mesh(setup.mesh), layers.compiling_for(platform):
+      with jax.set_mesh(setup.mesh), compiler.compiling_for(platform):
         return self.gather(encoder(state, x))
 
     t0 = time.time()

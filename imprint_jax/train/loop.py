@@ -46,7 +46,7 @@ from imprint_jax import storage
 from imprint_jax.parallel import cpu_runtime
 from imprint_jax.data import latent_store, token_store
 from imprint_jax.errors import UserError
-from imprint_jax.models import layers
+from imprint_jax.parallel import compiler
 from imprint_jax.train import data as train_data
 from imprint_jax.train import encode_objects
 from imprint_jax.train import lease as lease_lib
@@ -255,20 +255,21 @@ def compile_steps(setup: setup_lib.Setup):
   cpu_runtime.on_platform(target)
   # The mesh's platform picks the model's attention/GroupNorm forms (it differs from JAX's
   # default backend when compiling for a TPU topology from a CPU host); activations' sharding
-  # constraints refer to the mesh.
-  with jax.set_mesh(setup.mesh), layers.compiling_for(target):
+  # constraints refer to the mesh and the config's logical-axis rules.
+  with (jax.set_mesh(setup.mesh), compiler.compiling_for(target),
+        sharding.logical_rules(setup.rules)):
     compiled = jitted.lower(abstract_state, batch_spec, rng_spec).compile(
-        compiler_options=layers.compiler_options(target))
+        compiler_options=compiler.compiler_options(target))
   log.info("compiled stage-%d step in %.1f s; %s", setup.stage, time.time() - t0,
            _memory_report(compiled))
   # One sharding for every batch entry: validation batches may carry more keys than the step's.
   eval_jit = jax.jit(make_eval_step(setup.stage, setup.graphdef, setup.step_cfg),
                      in_shardings=(setup.state_shardings, sharding.batch_sharding(setup.mesh),
                                    repl), out_shardings=repl,
-                     compiler_options=layers.compiler_options(target))
+                     compiler_options=compiler.compiler_options(target))
 
   def eval_fn(state, batch, rng):
-    with jax.set_mesh(setup.mesh):
+    with jax.set_mesh(setup.mesh), sharding.logical_rules(setup.rules):
       return eval_jit(state, batch, rng)
 
   return compiled, eval_fn

@@ -25,7 +25,7 @@ import optax
 from flax import nnx
 
 from imprint_jax.diffusion import schedules
-from imprint_jax.models import layers
+from imprint_jax.parallel import sharding
 from imprint_jax.models.imprint import Imprint, mask_to_latent, vae_factor
 from imprint_jax.train.optim import applied_learning_rates
 
@@ -190,7 +190,7 @@ def _make_step(loss_fn: Callable, graphdef: nnx.GraphDef, tx: optax.GradientTran
       loss, grads = grad_fn(state.params, batch, keys_B)
     else:
       def accumulate(acc, micro):
-        micro = jax.tree.map(layers.shard_batch, micro)
+        micro = jax.tree.map(sharding.shard_batch, micro)
         return jax.tree.map(jnp.add, acc, grad_fn(state.params, *micro)), None
 
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))

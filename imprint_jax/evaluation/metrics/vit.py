@@ -27,7 +27,7 @@ from flax import nnx
 from PIL import Image
 
 from imprint_jax.errors import UserError
-from imprint_jax.models import layers
+from imprint_jax.models import attention, layers
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -115,7 +115,7 @@ class SelfAttention(nnx.Module):
   def __call__(self, x_BLD: jax.Array) -> jax.Array:
     b, l, d = x_BLD.shape
     split = lambda t: t.reshape(b, l, self.heads, d // self.heads)
-    o_BLHK = layers.attention(split(self.q(x_BLD)), split(self.k(x_BLD)), split(self.v(x_BLD)))
+    o_BLHK = attention.attention(split(self.q(x_BLD)), split(self.k(x_BLD)), split(self.v(x_BLD)))
     return self.o(o_BLHK.reshape(b, l, d))
 
 
