@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.models.resnet import ResnetBlock2D as TorchResnet
 from diffusers.models.transformers.transformer_2d import Transformer2DModel as TorchTransformer
 from flax import nnx
@@ -25,6 +26,7 @@ from imprint_jax.convert.unet import (config_from_diffusers, config_to_diffusers
                                       resnet_rules, save_unet, transformer_rules, unet_rules)
 from imprint_jax.errors import UserError
 from imprint_jax.models import unet as unet_lib
+from imprint_jax.models import unet_blocks
 from imprint_jax.parallel import compiler
 
 REL_TOL = 1e-4
@@ -126,7 +128,7 @@ def test_resnet_block_parity():
   ref_block = TorchResnet(in_channels=32, out_channels=48, temb_channels=64, groups=8,
                           eps=1e-5).eval()
   _perturb_norms(ref_block, 1)
-  block = unet_lib.ResnetBlock2D(32, 48, 64, groups=8, eps=1e-5, dtype=jnp.float32,
+  block = unet_blocks.ResnetBlock2D(32, 48, 64, groups=8, eps=1e-5, dtype=jnp.float32,
                                  rngs=nnx.Rngs(0))
   tensors = {k: v.numpy() for k, v in ref_block.state_dict().items()}
   common.load_into(block, resnet_rules("", (), shortcut=True), tensors, source="test",
@@ -148,7 +150,7 @@ def test_transformer2d_parity(linear_proj):
                                norm_num_groups=8, use_linear_projection=linear_proj,
                                upcast_attention=True).eval()
   _perturb_norms(ref_block, 2)
-  block = unet_lib.Transformer2DModel(32, 4, 2, CTX_DIM, groups=8, upcast=True,
+  block = unet_blocks.Transformer2DModel(32, 4, 2, CTX_DIM, groups=8, upcast=True,
                                       dtype=jnp.float32, rngs=nnx.Rngs(0))
   tensors = {k: v.numpy() for k, v in ref_block.state_dict().items()}
   common.load_into(block, transformer_rules("", (), 2, linear_proj), tensors, source="test",
@@ -163,12 +165,11 @@ def test_transformer2d_parity(linear_proj):
 
 
 def test_timestep_embedding_matches_diffusers():
-  from diffusers.models.embeddings import get_timestep_embedding
   t = np.array([0, 1, 10.5, 999], np.float32)
   for flip, shift, dim in [(True, 0, 32), (False, 1, 33)]:
     ref = get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=flip,
                                  downscale_freq_shift=shift).numpy()
-    out = unet_lib.timestep_embedding(jnp.asarray(t), dim, flip_sin_to_cos=flip,
+    out = unet_blocks.timestep_embedding(jnp.asarray(t), dim, flip_sin_to_cos=flip,
                                       freq_shift=shift)
     # Angles reach ~1000 rad at t=999, where one float32 ulp is 6e-5: exp() in XLA and in
     # PyTorch may round the frequencies one ulp apart.

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 
 from imprint_jax.errors import UserError
 
@@ -207,7 +209,6 @@ def find_weight_file(folder: str | os.PathLike, stem: str) -> list[Path]:
 
 def read_safetensors(files: Iterable[Path]) -> dict[str, np.ndarray]:
   """All tensors of the given safetensors files, as numpy arrays (bf16 via ml_dtypes)."""
-  from safetensors import SafetensorError, safe_open
   tensors: dict[str, np.ndarray] = {}
   for f in files:
     try:
@@ -231,7 +232,6 @@ def read_json(path: str | os.PathLike, what: str) -> dict[str, Any]:
 
 def write_safetensors(path: Path, tensors: Mapping[str, np.ndarray],
                       metadata: dict[str, str] | None = None) -> None:
-  from safetensors.numpy import save_file
   save_file(dict(tensors), str(path), metadata=metadata or {"format": "pt"})
 
 

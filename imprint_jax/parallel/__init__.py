@@ -1,2 +1,3 @@
-"""Parallelism: the device mesh and logical sharding rules (`sharding`), ahead-of-time memory
-plans (`plan`) and process-level runtime settings (`cpu_runtime`)."""
+"""Parallelism: the device mesh and logical sharding rules, including the batch and head splits
+of activations (`sharding`), the compile target and its XLA options (`compiler`), ahead-of-time
+memory plans (`plan`) and process-level runtime settings (`cpu_runtime`)."""

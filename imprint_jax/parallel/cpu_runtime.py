@@ -1,12 +1,11 @@
 """Process settings that keep XLA:CPU from paying for fresh memory on every step (Linux).
 
-A compiled step's temporaries are one block (the CPU benchmark's stage-2 step: 279 MiB, the
-"temporaries" of `benchmarks/train_step.py`'s memory line). JAX's CPU client runs a
-computation on a worker thread by default, which glibc's malloc serves from a secondary arena.
-There, blocks above the mmap threshold (32 MiB at most) are mapped from the kernel when
-allocated and unmapped when freed, so every step faulted its temporaries back in page by page,
+A compiled step's temporaries are one block (the "temporaries" of `benchmarks/train_step.py`'s
+memory line). JAX's CPU client runs a computation on a worker thread by default, which glibc's
+malloc serves from a secondary arena. There, blocks above the mmap threshold (32 MiB at most) are mapped from the kernel when
+allocated and unmapped when freed, so every step faults its temporaries back in page by page,
 each page zero-filled by the kernel (`getrusage` around single steps shows the faults and the
-system time).
+system time; tests/test_cpu_runtime.py counts them).
 
 Two settings remove that cost, and only together:
 
@@ -60,7 +59,7 @@ def jax_backends_started() -> bool:
   if "jax" not in sys.modules:
     return False
   try:
-    from jax._src import xla_bridge
+    from jax._src import xla_bridge  # here: at the top it would import JAX before configure()
     return bool(xla_bridge._backends)  # pylint: disable=protected-access
   except Exception:  # noqa: BLE001 - private API moved: assume started
     return True
@@ -70,7 +69,7 @@ def inline_cpu_dispatch() -> bool:
   """Runs JAX's single-device CPU computations on the calling thread. True when set; False
   (with a warning) when JAX's backends already exist and the setting can no longer apply.
   Imports JAX: environment variables JAX reads at import (JAX_PLATFORMS) must be set first."""
-  import jax
+  import jax  # here, not at the top: the command line sets JAX's environment before this call
   if jax_backends_started():
     asynchronous = jax.config.read(_ASYNC)
     if asynchronous:
