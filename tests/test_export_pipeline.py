@@ -322,7 +322,7 @@ def test_export_records_settings_once_and_card(exported):
   pkg = Path(interop.__file__).parent
   assert (out / "pipeline_imprint.py").read_bytes() == (pkg / "pipeline_imprint.py").read_bytes()
   assert ((out / "adapter" / "torch_adapter.py").read_bytes()
-          == (pkg / "torch_adapter.py").read_bytes())
+          == (pkg.parent / "torch_adapter.py").read_bytes())
   card = (out / "README.md").read_text()
   for needle in ("CreativeML OpenRAIL-M", "Apache License 2.0", "trust_remote_code=True",
                  'variant="fp16"', 'variant="bf16"', "imprint-jax import --export",
