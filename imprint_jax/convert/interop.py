@@ -25,6 +25,8 @@ from flax import nnx
 
 from imprint_jax.convert import checkpoint as ckpt_lib
 from imprint_jax import convert
+from imprint_jax.convert import model_card
+from imprint_jax.convert.common import DIFFUSERS_VERSION
 from imprint_jax.convert import common
 from imprint_jax.convert.common import AtomicDir
 from imprint_jax.errors import UserError
@@ -85,7 +87,6 @@ def scheduler_config(sampler: str, prediction_type: str) -> dict[str, Any]:
   """diffusers scheduler_config.json matching `imprint_jax.diffusion.samplers` (SD 1.x/2.x settings)."""
   if sampler not in SCHEDULERS:
     raise UserError(f"sampler {sampler!r}: expected one of {', '.join(SCHEDULERS)}")
-  from imprint_jax.convert.vae import DIFFUSERS_VERSION
   cfg = {"_class_name": SCHEDULERS[sampler], "_diffusers_version": DIFFUSERS_VERSION,
          "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
          "beta_schedule": "scaled_linear", "prediction_type": prediction_type,
@@ -157,7 +158,6 @@ def export_pretrained(ckpt: str, out: str, *, dtypes: tuple[str, ...] = (),
     (tmp / "scheduler").mkdir()
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(
         scheduler_config(sampler, settings["prediction_type"]), indent=2) + "\n")
-    from imprint_jax.convert.vae import DIFFUSERS_VERSION
     index = {
         "_class_name": [PIPELINE_FILE, PIPELINE_CLASS],
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -182,7 +182,6 @@ def export_pretrained(ckpt: str, out: str, *, dtypes: tuple[str, ...] = (),
             "step": meta.get("step"), "sources": meta.get("sources"),
             "training_config": _split_training_config(meta.get("config") or {})}
     (tmp / "imprint.json").write_text(json.dumps(info, indent=2) + "\n")
-    from imprint_jax.convert import model_card
     (tmp / "README.md").write_text(model_card.render(model, meta, index, dtypes, sampler))
   return out
 

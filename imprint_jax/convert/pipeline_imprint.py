@@ -1,7 +1,8 @@
 """IMPRINT object compositing as a diffusers pipeline: PyTorch, numpy and PIL only.
 
 `imprint-jax export` ships this file verbatim into the exported folder (with
-`adapter/torch_adapter.py`), so that a PyTorch user without JAX or imprint-jax runs
+`adapter/torch_adapter.py`; one file, longer than the package's others, because diffusers loads
+a custom pipeline from a single module), so that a PyTorch user without JAX or imprint-jax runs
 
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained("export/", trust_remote_code=True)

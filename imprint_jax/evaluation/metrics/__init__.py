@@ -149,13 +149,14 @@ class MetricSuite:
 
 def clip_embedder(module, batch_size: int = 32) -> Embedder:
   """An Embedder for a `clip.CLIPVision` with CLIPImageProcessor's preprocessing."""
+  # Network modules import JAX; this package stays light for `evaluate --help`'s defaults.
   from imprint_jax.evaluation.metrics.clip import clip_preprocess
   return Embedder(module, clip_preprocess(module.cfg.image_size), batch_size)
 
 
 def dino_embedder(module, batch_size: int = 32) -> Embedder:
   """An Embedder for a `vit.ViT` with DINO's evaluation preprocessing."""
-  from imprint_jax.evaluation.metrics.vit import dino_preprocess
+  from imprint_jax.evaluation.metrics.vit import dino_preprocess  # JAX: see clip_embedder
   return Embedder(module, dino_preprocess(module.cfg.image_size), batch_size)
 
 
@@ -175,7 +176,7 @@ def load_suite(*, clip: str | os.PathLike | None = None, dino: str | os.PathLike
   A path that exists but holds something unusable (wrong files, pickle weights, bad shapes)
   raises UserError: the user asked for that metric.
   """
-  from imprint_jax.evaluation.metrics import convert
+  from imprint_jax.evaluation.metrics import convert  # JAX: see clip_embedder
   suite = MetricSuite(fid_resize=fid_resize)
   if clip and Path(clip).exists():
     suite.clip = clip_embedder(convert.load_clip(clip, dtype), batch_size)
