@@ -5,6 +5,8 @@ a bad config value, an incompatible checkpoint). The CLI prints its message on o
 exits with status 2; tests assert on the message. Bugs stay ordinary exceptions with tracebacks.
 """
 
+import importlib
+
 
 class UserError(Exception):
   """Bad input: the message is one line that says what is wrong and, where possible, the fix."""
@@ -18,7 +20,6 @@ def import_extra(module: str, extra: str):
   torch, diffusers, transformers and dreamsim are optional (`pip install 'imprint-jax[torch]'`,
   `[eval]`): a command that needs one says which extra in one line instead of a traceback.
   """
-  import importlib
   try:
     return importlib.import_module(module)
   except ImportError as e:

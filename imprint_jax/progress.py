@@ -39,7 +39,7 @@ def is_terminal(stream) -> bool:
 
 def bar(iterable=None, *, file=None, **kw: Any):
   """tqdm(iterable, **kw) on `file` (default stderr): a bar on a terminal, lines elsewhere."""
-  from tqdm import tqdm
+  from tqdm import tqdm  # on first use: most commands never draw a bar
   stream = sys.stderr if file is None else file
   if is_terminal(stream):
     return tqdm(iterable, file=stream, **kw)

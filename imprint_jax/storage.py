@@ -107,7 +107,7 @@ def atomicity_options(p: epath.Path):
   picks commit-file itself."""
   if not on_gcsfuse(p):
     return None
-  import orbax.checkpoint as ocp
+  import orbax.checkpoint as ocp  # only for checkpoints: data tools use this module without it
   return ocp.options.AtomicityOptions(mode=ocp.options.AtomicityMode.COMMIT_FILE,
                                       allow_legacy_atomic_rename=True)
 

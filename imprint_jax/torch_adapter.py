@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from safetensors import safe_open
 from torch import nn
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
@@ -139,7 +140,6 @@ def _check_folder(cls, folder: Path, variant: str | None) -> None:
     raise ValueError(f"{config_path}: unknown adapter config key {unknown[0]!r}")
   if "in_dim" not in fields:
     raise ValueError(f"{config_path}: missing 'in_dim'; not a content-adapter config")
-  from safetensors import safe_open
   with torch.device("meta"):
     want = {k: tuple(v.shape) for k, v in cls(**fields).state_dict().items()}
   with safe_open(str(weights_path), framework="pt") as fh:

@@ -131,6 +131,7 @@ def first_problem(folder: str | os.PathLike, files: dict[str, dict[str, Any]], *
 
 
 def _gathered_first_problem(folder, files) -> tuple[int, int] | None:
+  # JAX only here: checksums are written and read by data tools that run without it.
   import jax
   n = jax.process_count()
   if n == 1:

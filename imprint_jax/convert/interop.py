@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 from flax import nnx
 
@@ -102,7 +103,6 @@ def scheduler_config(sampler: str, prediction_type: str) -> dict[str, Any]:
 
 def _write_variant(folder: Path, stem: str, dtype: str) -> None:
   """`<stem>.<variant>.safetensors` beside the float32 file, cast from it."""
-  import ml_dtypes
   target = np.float16 if dtype == "float16" else ml_dtypes.bfloat16
   tensors = common.read_safetensors([folder / f"{stem}.safetensors"])
   common.write_safetensors(folder / f"{stem}.{VARIANTS[dtype]}.safetensors",

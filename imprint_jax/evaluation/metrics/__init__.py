@@ -57,6 +57,7 @@ def dino_missing_message(path: str | os.PathLike | None) -> str:
 
 @functools.cache
 def _jitted_apply():
+  # JAX only when a network runs: this package is read for `evaluate --help`'s defaults.
   import jax
   from flax import nnx
 
@@ -66,7 +67,7 @@ def _jitted_apply():
 
 def apply(module: Any, x: np.ndarray) -> np.ndarray:
   """`module(x)` jitted; compiled once per (architecture, input shape) for the process."""
-  from flax import nnx
+  from flax import nnx  # see _jitted_apply
   graphdef, state = nnx.split(module)
   return np.asarray(_jitted_apply()(graphdef, state, x))
 
@@ -76,7 +77,7 @@ class Embedder:
 
   def __init__(self, module: Any, preprocess: Callable[[Sequence[np.ndarray]], np.ndarray],
                batch_size: int = 32):
-    from flax import nnx
+    from flax import nnx  # see _jitted_apply
     if batch_size < 1:
       raise UserError(f"metric batch size {batch_size} must be >= 1")
     self._graphdef, self._state = nnx.split(module)
@@ -108,7 +109,7 @@ class DreamSim:
 
   def __init__(self, cache_dir: str | os.PathLike, batch_size: int = 16):
     import torch  # the `eval` extra; an ImportError makes load_suite skip DreamSim
-    from dreamsim import dreamsim
+    from dreamsim import dreamsim  # the `eval` extra
     self.torch = torch
     self.device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -123,7 +124,7 @@ class DreamSim:
   def __call__(self, images_a: Sequence[np.ndarray], images_b: Sequence[np.ndarray]
                ) -> np.ndarray:
     """Per-pair distances (N,) float64; lower is more similar."""
-    from PIL import Image
+    from PIL import Image  # with DreamSim only, like torch above
     torch = self.torch
     out = []
     with torch.no_grad():
