@@ -6,6 +6,9 @@ import dataclasses
 
 from imprint_jax.errors import UserError
 
+# The `--source` names: every reader in readers/ by its NAME, and synthetic (tests/test_prepare.py
+# checks the list against `readers.READERS`; here so that `prepare --help` imports no reader).
+SOURCES = ("mvimgnet", "youtube_vos", "vipseg", "ppr10k", "images", "dreambooth", "synthetic")
 PAIRINGS = ("views", "pairs")
 INSTANCES = ("all", "largest")
 

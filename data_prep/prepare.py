@@ -44,7 +44,6 @@ from imprint_jax.data_prep.readers import common
 from imprint_jax.errors import UserError
 
 SPLITS = ("train", "val", "test", "all")
-SOURCES = tuple(READERS) + ("synthetic",)
 SUMMARY_FILE = "prepare_summary.json"
 
 

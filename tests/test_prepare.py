@@ -21,6 +21,7 @@ from imprint_jax.cli import prepare as prepare_cli
 from imprint_jax.cli.flags import prepare as prepare_flags
 from imprint_jax.data import crops, prepared, schema
 from imprint_jax.data_prep import build, pairs, prepare, shards, synthetic
+from imprint_jax.data_prep.config import SOURCES
 from imprint_jax.data_prep.readers import READERS
 from imprint_jax.data_prep.readers import common
 from imprint_jax.errors import UserError
@@ -414,3 +415,8 @@ def test_exif_orientation_is_applied(tmp_path):
   image = crops.load_image(tmp_path / "a.jpg")
   assert image.shape == (40, 20, 3)
   assert image[:8].mean() > 200 and image[12:].mean() < 50  # the white band is now on top
+
+
+def test_source_names_are_the_readers_and_synthetic():
+  """`prepare --help` lists SOURCES without importing the readers: the list must match them."""
+  assert SOURCES == (*READERS, "synthetic")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from imprint_jax.data_prep import prepare, synthetic
-from imprint_jax.data_prep.prepare import SOURCES, SPLITS, PrepareConfig
+from imprint_jax.data_prep.config import SOURCES, PrepareConfig
+from imprint_jax.data_prep.prepare import SPLITS
 from imprint_jax.errors import UserError
 
 

@@ -6,14 +6,13 @@ import argparse
 import os
 
 from imprint_jax import cli
-from imprint_jax.data_prep import prepare
-from imprint_jax.data_prep.config import INSTANCES, PAIRINGS, PrepareConfig
-from imprint_jax.data_prep.prepare import SOURCES
+from imprint_jax.data_prep.config import INSTANCES, PAIRINGS, SOURCES, PrepareConfig
 
 
 def add_parser(sub) -> None:
   p = sub.add_parser("prepare", help=cli.help_line("prepare"),
-                     description=prepare.__doc__.splitlines()[0] if prepare.__doc__ else None)
+                     description="`imprint-jax prepare`: published dataset layouts -> pair shards"
+                     " (TFDS ArrayRecord).")
   add_arguments(p)
   p.set_defaults(func=cli.runner("prepare", "run"))
 
