@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import stage2_data
+
 from imprint_jax import cli
 from imprint_jax.data_prep import sources as data_sources
 from imprint_jax.data import pipeline, prepared, token_store
@@ -27,26 +29,13 @@ STEPS = 8
 
 
 def tiny(sources, **overrides):
-  c = run_config.load("configs/stage2.py:tiny")
-  c.data.sources = tuple(sources)
-  c.init.encoder_from = ""
-  c.allow_random_encoder = True  # a random DINOv2 is as good as any frozen one here
-  c.train.num_steps = STEPS
-  c.phases.steps = (STEPS // 2,)
-  c.log_every, c.eval_every, c.checkpoint_every, c.sample_every = 2, STEPS, STEPS, STEPS
-  for key, value in overrides.items():
-    run_config.apply_override(c, f"{key}={value!r}")
-  return c
+  return stage2_data.tiny_config(sources, STEPS, **overrides)
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
   """Two synthetic stage-2 sources, prepared once: [(folder, weight)]."""
-  c = run_config.load("configs/stage2.py:tiny")
-  c.data.sources = (("synthetic:images", 2.0), ("synthetic:youtube_vos", 1.0))
-  workdir = tmp_path_factory.mktemp("data")
-  data_sources.prepare_sources(c, workdir)  # the caller prepares; the trainer only opens
-  return train_data.resolve_sources(c, workdir)
+  return stage2_data.two_sources(tmp_path_factory.mktemp("data"))
 
 
 @pytest.fixture(scope="module")
